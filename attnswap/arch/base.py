@@ -1,0 +1,73 @@
+"""What an architecture adapter tells the rest of attnswap: where attention lives and what it looks like."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shapes of one attention layer."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class Site:
+    """One self-attention module of a model: the unit surgery swaps."""
+
+    index: int  # layer number
+    path: str  # dotted module path inside the model
+    module: nn.Module
+
+
+@dataclass
+class Projection:
+    """A projection in nn.Linear layout: y = x @ weight.T + bias, weight [out, in]."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class ArchAdapter:
+    """One architecture family. Subclasses fill the class variables and the three methods below."""
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    causal: ClassVar[bool]  # causal LM (True) or bidirectional encoder (False)
+    positions: ClassVar[str]  # "rope" (applied before the attention function) or "absolute"
+    # regex on module paths: group 1 is the layer index
+    attention_path: ClassVar[str]
+    # module-name suffixes PEFT's LoRA targets for q, k, v, o
+    lora_targets: ClassVar[tuple[str, ...]]
+
+    @property
+    def direction(self) -> str:
+        return "causal" if self.causal else "bidirectional"
+
+    def sites(self, model: nn.Module) -> list[Site]:
+        pattern = re.compile(self.attention_path)
+        found = []
+        for path, module in model.named_modules():
+            m = pattern.search(path)
+            if m and m.end() == len(path):
+                found.append(Site(int(m.group(1)), path, module))
+        return sorted(found, key=lambda s: s.index)
+
+    def geometry(self, config) -> Geometry:
+        raise NotImplementedError
+
+    def projections(self, model: nn.Module, site: Site) -> dict[str, Projection]:
+        """q, k, v, o of one site as nn.Linear-layout weights (views, not copies)."""
+        raise NotImplementedError

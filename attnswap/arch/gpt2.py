@@ -1,0 +1,28 @@
+from .base import ArchAdapter, Geometry, Projection
+from .registry import register_arch
+
+
+@register_arch
+class GPT2Adapter(ArchAdapter):
+    """GPT-2: learned absolute positions, fused `c_attn` (Conv1D, weight [in, 3*hidden])."""
+
+    name = "gpt2"
+    model_types = ("gpt2",)
+    causal = True
+    positions = "absolute"
+    attention_path = r"h\.(\d+)\.attn"
+    lora_targets = ("c_attn", "c_proj")
+
+    def geometry(self, config):
+        h = config.hidden_size
+        return Geometry(config.num_attention_heads, config.num_attention_heads, h // config.num_attention_heads, h)
+
+    def projections(self, model, site):
+        a = site.module
+        h = a.embed_dim
+        # Conv1D stores [in, out]; transpose to the nn.Linear layout, then split the fused q|k|v columns.
+        w = a.c_attn.weight.t()
+        b = a.c_attn.bias
+        out = {n: Projection(w[i * h : (i + 1) * h], b[i * h : (i + 1) * h]) for i, n in enumerate("qkv")}
+        out["o"] = Projection(a.c_proj.weight.t(), a.c_proj.bias)
+        return out

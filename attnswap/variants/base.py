@@ -1,0 +1,79 @@
+"""The variant interface: one subclass per file, registered by name."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from ..arch import ArchAdapter, Geometry, Site
+from ..errors import AttnswapError, did_you_mean
+
+
+class VariantOptions(BaseModel):
+    """Options of a variant. Subclasses declare fields with `Field(description=...)`: that text is the help."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Variant(nn.Module):
+    """One attention variant for one attention site.
+
+    An instance is attached to an attention module as its `attnswap` submodule; transformers then calls
+    `forward(module, query, key, value, attention_mask, **kwargs)` through the "attnswap" attention
+    implementation, with query [B, H, Tq, D] and key/value [B, Hkv, Tk, D] (after RoPE, after the cache
+    update), and expects (output [B, Tq, H, D], weights or None) back. New parameters live on the instance;
+    `trainable_parameters()` says which of them fine-tuning and distillation update.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Options: ClassVar[type[VariantOptions]] = VariantOptions
+    # which attention directions the method is defined for
+    directions: ClassVar[frozenset[str]] = frozenset({"causal", "bidirectional"})
+    # what the conversion adds, for `attnswap list` and the docs
+    adds: ClassVar[str] = "no new parameters"
+
+    def __init__(self, options: VariantOptions, site: Site, geometry: Geometry, adapter: ArchAdapter):
+        super().__init__()
+        self.options = options
+        self.layer_index = site.index
+        self.geometry = geometry
+        self.causal = adapter.causal
+
+    @classmethod
+    def parse_options(cls, values: dict[str, Any]) -> VariantOptions:
+        """Validate user options (strings from --set, or typed values from a recipe/API)."""
+        fields = cls.Options.model_fields
+        for key in values:
+            if key not in fields:
+                names = ", ".join(fields) or "none"
+                raise AttnswapError(
+                    f"unknown option '{key}' for variant '{cls.name}'{did_you_mean(key, fields)}; options: {names}"
+                )
+        try:
+            return cls.Options(**values)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise AttnswapError(
+                f"bad value for option '{where}' of variant '{cls.name}': {err['msg']} (got {err.get('input')!r})"
+            ) from None
+
+    @classmethod
+    def check_supported(cls, adapter: ArchAdapter) -> None:
+        if adapter.direction not in cls.directions:
+            raise AttnswapError(
+                f"variant '{cls.name}' supports {'/'.join(sorted(cls.directions))} attention only, "
+                f"but {adapter.name} models are {adapter.direction}"
+            )
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+    def forward(self, module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.options.model_dump().items())

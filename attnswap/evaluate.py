@@ -1,0 +1,69 @@
+"""Perplexity under one fixed, documented protocol (docs/evaluation.md).
+
+text = the data read as UTF-8; ids = tokenizer(text, add_special_tokens=False); the first `max_tokens`
+ids; non-overlapping windows of `seq_len` tokens (a trailing partial window is dropped), each scored on
+its own from an empty context; NLL averaged over the seq_len - 1 predictions of every window;
+perplexity = exp(mean NLL).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .arch import adapter_for
+from .data import encode, read_text, windows
+from .errors import AttnswapError
+
+
+def require_causal_lm(model, label: str = "this model") -> None:
+    adapter = adapter_for(_config(model))
+    if not adapter.causal:
+        raise AttnswapError(f"perplexity needs a causal language model; {label} is a bidirectional {adapter.name} encoder")
+
+
+def _config(model):
+    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+
+@torch.no_grad()
+def window_nll(model, batch: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of the next-token predictions of each row: [B, T] ids -> [B]."""
+    logits = model(input_ids=batch).logits.float()  # [B, T, V]
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    return -logp.gather(-1, batch[:, 1:, None]).squeeze(-1).sum(-1)
+
+
+def perplexity(model, tokenizer, data: str, *, max_tokens: int | None = None, seq_len: int = 1024,
+               batch_size: int = 1, progress: bool = True, label: str = "model") -> dict:
+    """Evaluate `model` on `data` (a text file path or a named dataset) under the protocol above."""
+    require_causal_lm(model, label)
+    if seq_len < 2:
+        raise AttnswapError("--seq-len must be at least 2")
+    ids = encode(tokenizer, read_text(data))
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    rows = windows(ids, seq_len)
+    if len(rows) == 0:
+        raise AttnswapError(f"{data} has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
+    device = next(model.parameters()).device
+    model.eval()
+    total, start = 0.0, time.perf_counter()
+    bar = tqdm(total=len(rows), desc=f"perplexity {label}", unit="win", disable=not progress, leave=False)
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i : i + batch_size].to(device)
+        total += float(window_nll(model, batch).double().sum())
+        bar.update(len(batch))
+    bar.close()
+    predictions = len(rows) * (seq_len - 1)
+    nll = total / predictions
+    return {
+        "perplexity": math.exp(nll),
+        "nll": nll,
+        "tokens": predictions,
+        "windows": len(rows),
+        "seq_len": seq_len,
+        "seconds": round(time.perf_counter() - start, 2),
+    }

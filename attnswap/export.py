@@ -1,0 +1,79 @@
+"""Export: merged safetensors + config.json (attnswap section) + tokenizer + recipe + README model card."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_dir, check_out, write_model
+from .models import load_model, load_tokenizer, resolve
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHARD_SIZE = "2GB"
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def model_card(name: str, section: dict | None, metrics: dict, recipe: str | None) -> str:
+    lines = [f"# {name}", "", "Exported by attnswap (attention surgery for pretrained transformers).", ""]
+    if section:
+        lines += [
+            f"- attention variant: `{section['variant']}`",
+            f"- options: `{json.dumps(section['options'], sort_keys=True)}`",
+            f"- converted layers: {section['layers']}",
+            f"- versions: {', '.join(f'{k} {v}' for k, v in section['versions'].items())}",
+            "",
+        ]
+    else:
+        lines += ["- attention: unchanged (no attnswap conversion)", ""]
+    lines += ["## Measured", ""]
+    ev = metrics.get("eval")
+    if ev:
+        lines += ["| model | perplexity | predictions | data | seq_len |", "|---|---:|---:|---|---:|"]
+        for who in ("converted", "original"):
+            if who in ev:
+                r = ev[who]
+                lines.append(f"| {who} | {r['perplexity']:.3f} | {r['tokens']} | {ev['data']} | {r['seq_len']} |")
+        if "ratio" in ev:
+            lines += ["", f"Perplexity ratio converted / original: {ev['ratio']:.4f}"]
+        lines.append("")
+    ft = metrics.get("finetune")
+    if ft:
+        lines += [f"Fine-tuned {ft['steps']} steps (LoRA r={ft['lora_r']}, lr={ft['lr']}, seq_len={ft['seq_len']}) "
+                  f"on {ft['data']}: loss {ft['first_loss']} -> {ft['final_loss']}, {ft['tokens']} tokens, "
+                  f"world size {ft['world_size']}.", ""]
+    if not (ev or ft):
+        lines += ["No measurements were recorded for this checkpoint.", ""]
+    if recipe:
+        lines += ["## Recipe", "", "```yaml", recipe.rstrip(), "```", ""]
+    lines += ["## Load", "", "```python", "import attnswap", f'model = attnswap.load("{name}")', "```", ""]
+    return "\n".join(lines)
+
+
+def export(source: str | os.PathLike, out: str | os.PathLike, *, merge_lora: bool = True, dtype: str = "fp32",
+           force: bool = False) -> Path:
+    """Write `source` as a self-contained checkpoint directory at `out`, atomically."""
+    check_out(out, force)
+    src_dir = Path(resolve(source).location) if Path(str(source)).is_dir() else None
+    model = load_model(source, merge_lora=merge_lora)
+    model = model.to(DTYPES[dtype])
+    tokenizer = load_tokenizer(source)
+    metrics = _read_json(src_dir / "metrics.json") if src_dir else {}
+    recipe_path = src_dir / "recipe.yaml" if src_dir else None
+    recipe = recipe_path.read_text() if recipe_path and recipe_path.is_file() else None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    section = getattr(base.config, "attnswap", None)
+    if section is not None:
+        base.config.attnswap = {**section, "export": {"dtype": dtype, "merged_lora": merge_lora}}
+    with atomic_dir(out, force) as tmp:
+        write_model(model, tmp, tokenizer, max_shard_size=SHARD_SIZE)
+        if recipe:
+            (tmp / "recipe.yaml").write_text(recipe)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / "README.md").write_text(model_card(Path(out).name, base.config.attnswap if section else None,
+                                                  metrics, recipe))
+    return Path(out)

@@ -3,7 +3,7 @@
 StreamingLLM: Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024,
 https://arxiv.org/abs/2309.17453. Causal models: query i attends key j iff j <= i and (i - j < window or
 j < sinks). Bidirectional models: |i - j| < window or j < sinks. Positions are cache indices, so the rule
-holds unchanged during generation. Computed by SDPA with a boolean band mask [Tq, Tk].
+holds unchanged during generation. Computed by SDPA with a boolean band mask [1, 1, Tq, Tk].
 """
 import torch
 from pydantic import Field
@@ -19,13 +19,14 @@ class SlidingWindowOptions(VariantOptions):
 
 
 def band_mask(q_len: int, kv_len: int, window: int, sinks: int, causal: bool, device) -> torch.Tensor:
-    """[Tq, Tk] boolean, True = attend. Queries are the last Tq positions of the Tk keys."""
+    """[1, 1, Tq, Tk] boolean, True = attend. Queries are the last Tq positions of the Tk keys."""
     i = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]  # [Tq, 1]
     j = torch.arange(kv_len, device=device)[None, :]  # [1, Tk]
     dist = i - j
     near = (dist < window) & (dist >= 0) if causal else dist.abs() < window
     keep = near | (j < sinks)
-    return keep & (j <= i) if causal else keep
+    keep = keep & (j <= i) if causal else keep
+    return keep[None, None]
 
 
 @register

@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+import attnswap
+from attnswap.variants.sliding_window import band_mask
+
+from .conftest import outputs, sample_ids
+from .reference import register_reference, window_allowed
+
+
+MASK_CASES = [(7, 7, 3, 0), (7, 7, 3, 2), (1, 9, 4, 1), (3, 11, 5, 2), (6, 6, 10, 0)]
+
+
+# encoders see the whole sequence at once, so only square cases apply to them
+@pytest.mark.parametrize("causal,q_len,kv_len,window,sinks",
+                         [(True, *c) for c in MASK_CASES] + [(False, *c) for c in MASK_CASES if c[0] == c[1]])
+def test_band_mask_is_the_rule(causal, q_len, kv_len, window, sinks):
+    got = band_mask(q_len, kv_len, window, sinks, causal, "cpu")[0, 0]
+    off = kv_len - q_len
+    want = torch.tensor([[window_allowed(i + off, j, window, sinks, causal) for j in range(kv_len)] for i in range(q_len)])
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_window_covering_the_sequence_equals_the_original(tiny_dirs, name):
+    model = attnswap.load_model(tiny_dirs[name])
+    ids = sample_ids(model.config.vocab_size, length=37)
+    ref = outputs(model, ids)
+    attnswap.convert(model, "sliding-window", window=37, sinks=0)
+    assert (outputs(model, ids) - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_small_window_matches_an_explicit_masked_attention(tiny_dirs, name):
+    """Against an eager attention written independently (tests/reference.py), on a tiny causal model."""
+    from transformers import AutoModelForCausalLM
+
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_dirs[name], attn_implementation=register_reference(
+        "test-ref-w5-s2", window=5, sinks=2)).eval()
+    model = attnswap.load_model(tiny_dirs[name])
+    ids = sample_ids(model.config.vocab_size, length=41)
+    attnswap.convert(model, "sliding-window", window=5, sinks=2)
+    assert (outputs(model, ids) - outputs(ref_model, ids)).abs().max() <= 1e-5
+
+
+def test_layers_option_converts_only_those_layers(tiny_dirs):
+    model = attnswap.load_model(tiny_dirs["llama"])
+    attnswap.convert(model, "sliding-window", layers="1", window=4)
+    assert model.config.attnswap["layers"] == [1]
+    assert not hasattr(model.model.layers[0].self_attn, "attnswap")
+    assert hasattr(model.model.layers[1].self_attn, "attnswap")
+
+
+def test_cached_generation_equals_full_recompute(tiny_dirs):
+    """Decoding with a DynamicCache applies the window by cache index: same logits as a fresh full pass."""
+    model = attnswap.load_model(tiny_dirs["llama"])
+    attnswap.convert(model, "sliding-window", window=6, sinks=2)
+    ids = sample_ids(model.config.vocab_size, batch=1, length=20)
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :12], use_cache=True)
+        cache = out.cache
+        for t in range(12, 20):
+            step = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = step.cache
+            full = model(input_ids=ids[:, : t + 1]).logits[:, -1]
+            assert (step.logits[:, -1] - full).abs().max() <= 1e-5
+
+
+def test_generate_runs_and_is_greedy_consistent(tiny_dirs):
+    model = attnswap.load_model(tiny_dirs["gpt2"])
+    attnswap.convert(model, "sliding-window", window=8, sinks=1)
+    ids = sample_ids(model.config.vocab_size, batch=1, length=10)
+    gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, 16)
+    with torch.no_grad():
+        nxt = model(input_ids=gen[:, :-1]).logits[0, -1].argmax()
+    assert int(nxt) == int(gen[0, -1])

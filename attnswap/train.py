@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -84,7 +85,21 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1].parent if found else None
 
 
-def _save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: FinetuneConfig, losses) -> Path:
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: FinetuneConfig, losses,
+                     rng: list) -> Path:
     root = out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -92,7 +107,8 @@ def _save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: Fin
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    # RNG per rank too: dropout masks after a resume must be the ones the uninterrupted run would draw
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "config": cfg.model_dump(), "losses": losses}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -101,7 +117,7 @@ def _save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: Fin
     return final
 
 
-def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, list]:
+def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int) -> tuple[int, list]:
     state = json.loads((ckpt / "state.json").read_text())
     tensors = load_file(str(ckpt / "trainable.safetensors"))
     params = dict(model.named_parameters())
@@ -111,6 +127,8 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, list
     optim = torch.load(ckpt / "optim.pt", weights_only=False)
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
+    if rank < len(optim["rng"]):
+        _set_rng_state(optim["rng"][rank])
     return state["step"], state["losses"]
 
 
@@ -127,8 +145,11 @@ def _check_resume(out: Path, cfg: FinetuneConfig) -> Path:
 
 
 def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, resume: bool = False,
-             force: bool = False, progress: bool = True, metrics: dict | None = None) -> dict:
-    """Fine-tune `model` (converted or not) and write it to `out` (loadable with attnswap.load)."""
+             force: bool = False, progress: bool = True, metrics: dict | None = None, on_step=None) -> dict:
+    """Fine-tune `model` (converted or not) and write it to `out` (loadable with attnswap.load).
+
+    `on_step(step, loss)` is called after each optimizer step (1-based step), e.g. for logging.
+    """
     out = Path(out)
     accelerator = _accelerator()
     ckpt = _check_resume(out, cfg) if resume else None
@@ -143,11 +164,11 @@ def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, r
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    world, rank = accelerator.num_processes, accelerator.process_index
     start, losses = (0, [])
     if ckpt is not None:
-        start, losses = _load_checkpoint(ckpt, model, optimizer, scheduler)
+        start, losses = _load_checkpoint(ckpt, model, optimizer, scheduler, rank)
 
-    world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * world
     rows = windows(training_ids(tokenizer, cfg.data, cfg.steps * per_step * cfg.seq_len), cfg.seq_len)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -176,10 +197,13 @@ def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, r
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         done = step + 1
         if done % cfg.save_every == 0 or done == cfg.steps:
+            rng = gather_object([_rng_state()]) if world > 1 else [_rng_state()]
             if accelerator.is_main_process:
                 last_ckpt = _save_checkpoint(out, done, accelerator.unwrap_model(model), optimizer, scheduler,
-                                             cfg, losses)
+                                             cfg, losses, rng)
             accelerator.wait_for_everyone()
+        if on_step is not None:
+            on_step(done, mean_loss)
     bar.close()
 
     model = accelerator.unwrap_model(model)

@@ -27,16 +27,18 @@ def tiny_tokenizer(tmp_path_factory):
 
 
 def _configs(vocab):
+    # initializer_range 0.2 (not 0.02): peaked attention, so a changed attention shows in the outputs
     from transformers import BertConfig, GPT2Config, LlamaConfig
 
     return {
         "llama": LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                             bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True),
+                             bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True,
+                             initializer_range=0.2),
         "gpt2": GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=512,
-                           bos_token_id=0, eos_token_id=0),
+                           bos_token_id=0, eos_token_id=0, initializer_range=0.2),
         "bert": BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=512, pad_token_id=0),
+                           intermediate_size=64, max_position_embeddings=512, pad_token_id=0, initializer_range=0.2),
     }
 
 

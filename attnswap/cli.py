@@ -5,8 +5,8 @@ import json
 import sys
 from typing import Optional
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from .config import EvalConfig, ExportConfig, FinetuneConfig, field_help
 from .errors import AttnswapError
@@ -217,13 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     except AttnswapError as e:
         typer.echo(f"error: {e}", err=True)
         return e.exit_code
-    except click.UsageError as e:
-        where = e.ctx.command_path if e.ctx else "attnswap"
-        typer.echo(f"error: {e.format_message()} (see '{where} --help')", err=True)
-        return 2
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except (click.Abort, KeyboardInterrupt):
+    except TyperException as e:  # usage errors: unknown option, bad value, missing argument
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx else "attnswap"
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        typer.echo(f"error: {message} (see '{where} --help')", err=True)
+        return getattr(e, "exit_code", 2)
+    except (typer.Abort, KeyboardInterrupt):
         typer.echo("error: interrupted", err=True)
         return 130
     return 0

@@ -139,11 +139,44 @@ def _hub_error(src: Source, err: Exception) -> AttnswapError:
     )
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_hub_source(src: Source) -> None:
+    """A hub id: fine if cached locally or the hub answers; else fail now instead of retrying for a minute."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(src.location, local_files_only=True)
+        return
+    except Exception:  # noqa: BLE001  (not in the local cache)
+        pass
+    if not _hub_reachable():
+        raise AttnswapError(
+            f"model '{src.label}' is not a local directory, .gguf file or alias, is not in the local Hugging Face "
+            f"cache, and the hub is unreachable; aliases: {', '.join(ALIASES)}"
+        )
+
+
 def load_config(source: str | os.PathLike):
     from transformers import AutoConfig
 
     src = resolve(source)
+    is_hub = not src.gguf_file and not Path(src.location).is_dir()
     try:
+        if is_hub:
+            _check_hub_source(src)
         return AutoConfig.from_pretrained(_hf_location(src))
     except AttnswapError:
         raise

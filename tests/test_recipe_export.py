@@ -1,0 +1,88 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import attnswap
+from attnswap.cli import main
+from attnswap.recipe import load_recipe, validate
+
+from .conftest import WIKI_TEST, WIKI_TRAIN, outputs, sample_ids
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_validates(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(path.parents[1])  # recipes name data relative to the repository root
+    recipe, _ = load_recipe(path)
+    assert validate(recipe, str(tmp_path / "run"), force=False) == tmp_path / "run"
+    assert not (tmp_path / "run").exists()
+
+
+def test_tiny_recipe_end_to_end(tiny_dirs, tmp_path, capsys):
+    recipe = {
+        "model": str(tiny_dirs["llama"]),
+        "convert": {"variant": "sliding-window", "options": {"window": 16, "sinks": 2}, "layers": "0-1"},
+        "finetune": {"data": str(WIKI_TRAIN), "steps": 4, "seq_len": 32, "lr": 1e-2, "save_every": 2},
+        "eval": {"data": str(WIKI_TEST), "max_tokens": 600, "seq_len": 64},
+        "export": {"merge_lora": True, "dtype": "fp32"},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ev = result["eval"]
+    assert ev["converted"]["tokens"] == 9 * 63 and ev["original"]["tokens"] == 9 * 63
+    assert ev["ratio"] == pytest.approx(ev["converted"]["perplexity"] / ev["original"]["perplexity"])
+    final = tmp_path / "run" / "final"
+    card = (final / "README.md").read_text()
+    assert "sliding-window" in card and f"{ev['converted']['perplexity']:.3f}" in card and "## Recipe" in card
+    assert (final / "recipe.yaml").read_text() == path.read_text()
+    assert not (final / "adapter").exists()  # merged
+    # the export gives the logits of the fine-tuned model
+    ids = sample_ids(64, length=30)
+    finetuned = attnswap.load(tmp_path / "run" / "finetuned", merge_lora=True)
+    exported = attnswap.load(final)
+    assert (outputs(exported, ids) - outputs(finetuned, ids)).abs().max() <= 1e-5
+    assert exported.config.attnswap["export"] == {"dtype": "fp32", "merged_lora": True}
+
+
+def test_export_keeps_or_merges_lora_and_casts(tiny_dirs, tiny_tokenizer, tmp_path):
+    from attnswap.config import FinetuneConfig
+    from attnswap.export import export
+    from attnswap.train import finetune
+
+    model = attnswap.load_model(tiny_dirs["gpt2"])
+    attnswap.convert(model, "sliding-window", window=8, sinks=1)
+    finetune(model, tiny_tokenizer, FinetuneConfig(data=str(WIKI_TRAIN), steps=3, seq_len=32, lr=1e-2), tmp_path / "ft",
+             progress=False)
+    ids = sample_ids(tiny_tokenizer.vocab_size, length=25)
+    ref = outputs(attnswap.load(tmp_path / "ft", merge_lora=True), ids)
+
+    export(tmp_path / "ft", tmp_path / "unmerged", merge_lora=False)
+    assert (tmp_path / "unmerged" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (outputs(attnswap.load(tmp_path / "unmerged"), ids) - ref).abs().max() <= 1e-5
+
+    export(tmp_path / "ft", tmp_path / "bf16", dtype="bf16")
+    loaded = attnswap.load(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16
+    assert (outputs(loaded, ids).float() - ref).abs().max() <= 0.1 * ref.abs().max()
+    assert {p.name for p in (tmp_path / "bf16").iterdir()} >= {"config.json", "model.safetensors", "README.md",
+                                                                "tokenizer.json", "metrics.json"}
+    # no temporary directories left beside the exports
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_export_failure_leaves_nothing(tiny_dirs, tmp_path, monkeypatch):
+    from attnswap.export import export
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("attnswap.export.write_model", boom)
+    with pytest.raises(RuntimeError):
+        export(tiny_dirs["llama"], tmp_path / "exp")
+    assert list(tmp_path.iterdir()) == []

@@ -85,8 +85,7 @@ def convert(
     options = parse_sets(sets)
     check_out(out, force)
     cls = get_variant(to)
-    cls.check_supported(adapter_for(load_config(source)))
-    cls.parse_options(options)
+    cls.check_supported(adapter_for(load_config(source)), cls.parse_options(options))
     model = load_model(source)
     do_convert(model, to, layers=layers, **options)
     save(model, out, tokenizer=load_tokenizer(source), force=force)
@@ -164,8 +163,8 @@ def finetune(
     check_data(cfg.data)
     model = load_model(source, merge_lora=True)
     result = do_finetune(model, load_tokenizer(source), cfg, out, resume=resume, force=force)
-    _emit(result, as_json, f"rank {result['rank']}/{result['world_size']}: {cfg.steps} steps, loss "
-                           f"{result['first_loss']} -> {result['final_loss']} -> {out}")
+    _emit(result, as_json, f"rank {result['rank']}/{result['world_size']}: {cfg.steps} steps, mean loss of the "
+                           f"first/last 10 steps {result['loss_start_mean']} -> {result['loss_end_mean']} -> {out}")
 
 
 @app.command()

@@ -44,7 +44,8 @@ def model_card(name: str, section: dict | None, metrics: dict, recipe: str | Non
     ft = metrics.get("finetune")
     if ft:
         lines += [f"Fine-tuned {ft['steps']} steps (LoRA r={ft['lora_r']}, lr={ft['lr']}, seq_len={ft['seq_len']}) "
-                  f"on {ft['data']}: loss {ft['first_loss']} -> {ft['final_loss']}, {ft['tokens']} tokens, "
+                  f"on {ft['data']}: mean loss of the first / last 10 steps {ft['loss_start_mean']} -> "
+                  f"{ft['loss_end_mean']}, {ft['tokens']} tokens, "
                   f"world size {ft['world_size']}.", ""]
     if not (ev or ft):
         lines += ["No measurements were recorded for this checkpoint.", ""]

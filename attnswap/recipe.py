@@ -45,8 +45,7 @@ def validate(recipe: Recipe, out: str | None, force: bool) -> Path:
     check_out(out, force)
     adapter = adapter_for(load_config(recipe.model))
     cls = get_variant(recipe.convert.variant)
-    cls.check_supported(adapter)
-    cls.parse_options(recipe.convert.options)
+    cls.check_supported(adapter, cls.parse_options(recipe.convert.options))
     if recipe.finetune:
         check_data(recipe.finetune.data)
     if recipe.eval:

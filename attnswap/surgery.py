@@ -51,8 +51,8 @@ def convert(model: nn.Module, variant: str, layers: str | list[int] | None = Non
         raise AttnswapError(f"this model is already converted to '{done}'; convert the original model instead")
     adapter = adapter_for(base.config)
     cls = get_variant(variant)
-    cls.check_supported(adapter)
     opts = cls.parse_options(options)
+    cls.check_supported(adapter, opts)
     sites = adapter.sites(base)
     if not sites:
         raise AttnswapError(f"found no attention layers in this {adapter.name} model")

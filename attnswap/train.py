@@ -214,6 +214,9 @@ def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, r
         "tokens": (cfg.steps - start) * per_step * cfg.seq_len,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
+        # single-step losses are noisy; the card quotes means over the first and last 10 steps
+        "loss_start_mean": round(sum(losses[:10]) / len(losses[:10]), 4) if losses else None,
+        "loss_end_mean": round(sum(losses[-10:]) / len(losses[-10:]), 4) if losses else None,
         "world_size": world,
         "rank": rank,
         "digest": digest(model),

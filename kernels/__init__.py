@@ -1,8 +1,8 @@
 """attnswap's kernels (import name `attnswap_kernels`): each op has a PyTorch reference beside its Triton code.
 
-Dispatch rule for every op: CUDA tensors run the Triton kernel; CPU tensors run the reference, unless
-TRITON_INTERPRET=1 was set before this package was imported, in which case Triton's interpreter runs
-the kernel on the CPU (how the tests check kernels against references here).
+Dispatch rule for every op: CUDA tensors run the Triton kernel, CPU tensors the PyTorch reference.
+The tests call the Triton entry points directly on CPU tensors with TRITON_INTERPRET=1 set before
+triton is imported: Triton's interpreter then runs the kernels on the CPU, against the references.
 """
 import os
 
@@ -20,10 +20,8 @@ def triton_available() -> bool:
 
 
 def use_triton(*tensors) -> bool:
-    """True when an op should run its Triton kernel for these tensors."""
-    if not triton_available():
-        return False
-    return INTERPRET or all(t.is_cuda for t in tensors)
+    """True when an op should run its Triton kernel for these tensors (all on a CUDA device)."""
+    return all(t.is_cuda for t in tensors) and triton_available()
 
 
 __all__ = ["INTERPRET", "assert_close", "rel_rms_error", "triton_available", "use_triton"]

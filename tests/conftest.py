@@ -1,5 +1,10 @@
 """Shared fixtures: tiny random models built from configs (no hub), and the real SmolLM2 / MiniLM."""
 import os
+
+# Triton kernels are tested on the CPU through Triton's interpreter, which must be chosen before
+# triton is imported. Only the kernel tests call Triton entry points on CPU tensors; everything else
+# dispatches CPU tensors to the PyTorch references, so this changes nothing for them.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 from pathlib import Path
 
 import pytest

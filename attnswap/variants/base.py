@@ -62,7 +62,8 @@ class Variant(nn.Module):
             ) from None
 
     @classmethod
-    def check_supported(cls, adapter: ArchAdapter) -> None:
+    def check_supported(cls, adapter: ArchAdapter, options: VariantOptions | None = None) -> None:
+        """Raise a one-line error if this variant (with these options) cannot run on this architecture."""
         if adapter.direction not in cls.directions:
             raise AttnswapError(
                 f"variant '{cls.name}' supports {'/'.join(sorted(cls.directions))} attention only, "

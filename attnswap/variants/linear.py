@@ -1,0 +1,164 @@
+"""Linear attention with learned feature maps, optionally hybrid with an exact window and sinks.
+
+Sources: Katharopoulos et al., "Transformers are RNNs" (ICML 2020, https://arxiv.org/abs/2006.16236),
+phi = elu + 1; Zhang et al., "The Hedgehog & the Porcupine" (ICLR 2024, https://arxiv.org/abs/2402.04347),
+phi(x) = [softmax(x W), softmax(-x W)] per head; Zhang et al., "LoLCATs" (ICLR 2025,
+https://arxiv.org/abs/2410.10254), softmax over the last w tokens + linear attention over older ones
+under one normaliser with a learned per-head mixing factor; Xiao et al., StreamingLLM, sink tokens.
+
+For query i (causal), with exact set E(i) = {i - w < j <= i} U {j < s} and linear set L(i) = the
+other j <= i:
+
+    a_i = sum_{E(i)} exp(q_i.k_j * scale - m_i) v_j      c_i = sum_{E(i)} exp(q_i.k_j * scale - m_i)
+    b_i = sum_{L(i)} (phi(q_i).phi(k_j)) v_j              d_i = sum_{L(i)} phi(q_i).phi(k_j)
+    o_i = (g a_i + (1 - g) b_i) / (g c_i + (1 - g) d_i),  g = sigmoid(mix) per head
+
+and with w = s = 0, o_i = b_i / d_i. q, k arrive after RoPE (Llama family), so feature maps see rotated
+vectors. Shapes: query [B, H, T, D], key/value [B, Hk, T, D], output [B, T, H, D].
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+from torch.nn import functional as F
+
+from attnswap_kernels.linear_attn import causal_linear_attn
+from attnswap_kernels.window_attn import window_softmax_terms
+
+from ..errors import AttnswapError
+from .base import Variant, VariantOptions
+from .registry import register
+
+EPS = 1e-6
+
+
+class LinearOptions(VariantOptions):
+    feature_map: Literal["elu", "hedgehog", "relu", "identity"] = Field(
+        "hedgehog", description="phi: elu (elu+1), hedgehog (learned [softmax(xW), softmax(-xW)]), relu, identity")
+    window: int = Field(64, ge=0, description="exact softmax over the last w tokens (0: pure linear attention)")
+    sinks: int = Field(4, ge=0, description="first tokens kept exact for every query (attention sinks)")
+    feature_dim: int | None = Field(None, ge=1, description="hedgehog projection size F (phi has 2F dims); default head_dim")
+    tie_qk: bool = Field(False, description="one feature map per KV head shared by queries and keys")
+    mix_init: float = Field(0.9, gt=0, lt=1, description="initial weight g of the exact (window) terms")
+    chunk: int = Field(64, ge=16, description="chunk length of the causal linear-attention kernel (power of 2)")
+
+    @model_validator(mode="after")
+    def _chunk_pow2(self):
+        if self.chunk & (self.chunk - 1):
+            raise ValueError("chunk must be a power of 2")
+        return self
+
+
+class FeatureMap(nn.Module):
+    """phi per head: x [B, H, T, D] -> [B, H, T, F']."""
+
+    def __init__(self, kind: str, heads: int, head_dim: int, feature_dim: int | None):
+        super().__init__()
+        self.kind = kind
+        if kind == "hedgehog":
+            f = feature_dim or head_dim
+            # near identity: softmax(x W) starts as a softmax over the input's own coordinates
+            w = torch.eye(head_dim, f).repeat(heads, 1, 1) + 0.01 * torch.randn(heads, head_dim, f)
+            self.weight = nn.Parameter(w)  # [H, D, F]
+
+    def forward(self, x):
+        if self.kind == "elu":
+            return F.elu(x) + 1
+        if self.kind == "relu":
+            return F.relu(x)
+        if self.kind == "identity":
+            return x
+        z = torch.einsum("bhtd,hdf->bhtf", x, self.weight.to(x.dtype))
+        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], dim=-1)
+
+
+@register
+class LinearAttention(Variant):
+    name = "linear"
+    summary = "linear attention with learned feature maps, hybrid with an exact window + sinks (Hedgehog, LoLCATs)"
+    Options = LinearOptions
+    adds = "feature maps (hedgehog) and per-head mix factors; trained by 'attnswap distill' then finetune"
+
+    @classmethod
+    def check_supported(cls, adapter, options=None):
+        super().check_supported(adapter, options)
+        if options is not None and not adapter.causal and options.window > 0:
+            raise AttnswapError("linear: window > 0 is implemented for causal models only; use --set window=0 on "
+                                f"{adapter.name} (bidirectional) models")
+
+    def __init__(self, options, site, geometry, adapter):
+        super().__init__(options, site, geometry, adapter)
+        h, hk, d = geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
+        fmap = options.feature_map
+        self.phi_k = FeatureMap(fmap, hk, d, options.feature_dim)
+        self.phi_q = self.phi_k if options.tie_qk else FeatureMap(fmap, h, d, options.feature_dim)
+        self.exact = options.window > 0 or options.sinks > 0
+        if self.exact:
+            g = options.mix_init
+            self.mix = nn.Parameter(torch.full((h,), float(torch.logit(torch.tensor(g)))))
+
+    def _phi_q(self, query):
+        if self.options.tie_qk and self.geometry.kv_groups > 1:
+            b, h, t, d = query.shape
+            hk = self.geometry.num_kv_heads
+            grouped = query.view(b, hk, h // hk * t, d)
+            return self.phi_k(grouped).view(b, h, t, -1)
+        return self.phi_q(query)
+
+    def forward(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        if query.shape[2] != key.shape[2]:
+            raise AttnswapError("linear: decoding with a KV cache needs the linear-state cache (generate with "
+                                "use_cache=False for now)")
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = self.attend(query, key, value, scale)  # [B, H, T, D]
+        return out.transpose(1, 2).to(query.dtype), None
+
+    def attend(self, query, key, value, scale):
+        o = self.options
+        b, h, t, d = query.shape
+        fq, fk = self._phi_q(query), self.phi_k(key)
+        ones = torch.ones(*value.shape[:-1], 1, dtype=value.dtype, device=value.device)
+        v_ext = torch.cat([value, ones], dim=-1)  # [B, Hk, T, Dv + 1]: the last column sums the normaliser
+        if o.sinks:
+            keep = (torch.arange(t, device=key.device) >= o.sinks).to(fk.dtype)
+            fk = fk * keep[:, None]
+        if not self.causal:
+            lin = self._bidirectional(fq, fk, v_ext)
+        elif o.window == 0:
+            lin = causal_linear_attn(fq, fk, v_ext, o.chunk)
+        else:
+            # L(i) = {j <= i - w}: causal linear attention of the query at i over keys shifted by w
+            w = min(o.window, t)
+            shifted = causal_linear_attn(fq[:, :, w:], fk[:, :, : t - w], v_ext[:, :, : t - w], o.chunk)
+            lin = F.pad(shifted.float(), (0, 0, w, 0))  # the first w queries have no linear part
+        num, den = lin[..., :d].float(), lin[..., d].float()
+        if not self.exact:
+            return num / (den[..., None] + EPS)
+        if self.causal:
+            a, c, _ = window_softmax_terms(query, key, value, o.window, o.sinks, scale)
+        else:
+            a, c = _sink_terms(query, key, value, o.sinks, scale)
+        g = torch.sigmoid(self.mix).view(1, h, 1)
+        return (g[..., None] * a + (1 - g[..., None]) * num) / (g * c + (1 - g) * den + EPS)[..., None]
+
+    def _bidirectional(self, fq, fk, v_ext):
+        hk = fk.shape[1]
+        b, h, t, f = fq.shape
+        state = torch.einsum("bhtf,bhtv->bhfv", fk.float(), v_ext.float())  # [B, Hk, F, V + 1]
+        return torch.einsum("bhgtf,bhfv->bhgtv", fq.float().view(b, hk, h // hk, t, f), state).reshape(b, h, t, -1)
+
+
+
+def _sink_terms(query, key, value, sinks, scale):
+    """Bidirectional exact terms: every query sees the first `sinks` keys. -> a [B, H, T, Dv], c [B, H, T]."""
+    b, h, t, d = query.shape
+    hk = key.shape[1]
+    qg = query.float().view(b, hk, h // hk, t, d)
+    s = torch.einsum("bhgid,bhjd->bhgij", qg, key[:, :, :sinks].float()) * scale
+    m = s.amax(-1)
+    p = torch.exp(s - m.unsqueeze(-1))
+    a = torch.einsum("bhgij,bhjd->bhgid", p, value[:, :, :sinks].float())
+    return a.reshape(b, h, t, -1), p.sum(-1).reshape(b, h, t)

@@ -13,7 +13,7 @@ IMPLEMENTATION = "attnswap"
 
 def attnswap_attention(module, query, key, value, attention_mask, **kwargs):
     variant = getattr(module, "attnswap", None)
-    if variant is None:
+    if variant is None or variant.bypass:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return variant(module, query, key, value, attention_mask, **kwargs)
 

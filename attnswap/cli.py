@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from typer.exceptions import TyperException
 
-from .config import EvalConfig, ExportConfig, FinetuneConfig, field_help
+from .config import DistillConfig, EvalConfig, ExportConfig, FinetuneConfig, field_help
 from .errors import AttnswapError
 
 app = typer.Typer(help="Swap the self-attention of pretrained transformers for efficient or improved variants.",
@@ -129,6 +129,45 @@ def eval_perplexity(
     _emit(result, as_json, human)
 
 
+def _config(cls, **values):
+    """Build a typed config from CLI values; a validation error names the flag."""
+    from pydantic import ValidationError
+
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise AttnswapError(f"bad --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+
+
+@app.command()
+def distill(
+    source: str = typer.Argument(..., help="converted model whose variant has parameters to train"),
+    data: str = typer.Option(..., "--data", help=field_help(DistillConfig, "data")),
+    tokens: int = typer.Option(..., "--tokens", help=field_help(DistillConfig, "tokens")),
+    out: str = typer.Option(..., "--out", help="output checkpoint directory"),
+    seq_len: int = typer.Option(1024, "--seq-len", help=field_help(DistillConfig, "seq_len")),
+    batch_size: int = typer.Option(1, "--batch-size", help=field_help(DistillConfig, "batch_size")),
+    lr: float = typer.Option(1e-2, "--lr", help=field_help(DistillConfig, "lr")),
+    seed: int = typer.Option(0, "--seed", help=field_help(DistillConfig, "seed")),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
+    """Stage 1 attention transfer: train the variant's new parameters to match each layer's original output."""
+    from .checkpoint import check_out
+    from .data import check_data
+    from .distill import distill as do_distill
+    from .models import load_model, load_tokenizer
+
+    cfg = _config(DistillConfig, data=data, tokens=tokens, seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed)
+    check_data(cfg.data)
+    check_out(out, force)
+    result = do_distill(load_model(source), load_tokenizer(source), cfg, out, force=force)
+    worst = max(result["layer_loss_final"].items(), key=lambda kv: kv[1])
+    _emit(result, as_json, f"distilled {len(result['layer_loss_final'])} layers on {result['tokens']} tokens: mean "
+                           f"relative MSE {result['mean_loss_final']:.5f} (worst {worst[0]}: {worst[1]:.5f}) -> {out}")
+
+
 @app.command()
 def finetune(
     source: str = typer.Argument(..., help="model to fine-tune (converted or original)"),
@@ -148,18 +187,12 @@ def finetune(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """LoRA fine-tune (plus the variant's own parameters); multi-process through torchrun/accelerate."""
-    from pydantic import ValidationError
-
     from .data import check_data
     from .models import load_model, load_tokenizer
     from .train import finetune as do_finetune
 
-    try:
-        cfg = FinetuneConfig(data=data, steps=steps, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, warmup=warmup,
-                             seq_len=seq_len, batch_size=batch_size, save_every=save_every, seed=seed)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise AttnswapError(f"bad --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    cfg = _config(FinetuneConfig, data=data, steps=steps, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, warmup=warmup,
+                  seq_len=seq_len, batch_size=batch_size, save_every=save_every, seed=seed)
     check_data(cfg.data)
     model = load_model(source, merge_lora=True)
     result = do_finetune(model, load_tokenizer(source), cfg, out, resume=resume, force=force)

@@ -17,6 +17,19 @@ class ConvertConfig(_Config):
     layers: str | list[int] | None = Field(None, description="layers to convert, e.g. '0-5,10' (default: all)")
 
 
+class DistillConfig(_Config):
+    data: str = Field(description="training text: a UTF-8 file, or 'wikitext-train' through datasets")
+    tokens: int = Field(gt=0, description="training tokens in all (steps = tokens / (batch_size x seq_len))")
+    seq_len: int = Field(1024, ge=2, description="tokens per training sequence")
+    batch_size: int = Field(1, ge=1, description="sequences per step")
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate of the variant's new parameters")
+    seed: int = Field(0, description="seed for the data order")
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // (self.batch_size * self.seq_len))
+
+
 class FinetuneConfig(_Config):
     data: str = Field(description="training text: a UTF-8 file, or 'wikitext-train' through datasets")
     steps: int = Field(gt=0, description="optimizer steps")
@@ -45,10 +58,11 @@ class ExportConfig(_Config):
 
 
 class Recipe(_Config):
-    """convert -> finetune -> eval -> export, from one YAML file (recipes/*.yaml)."""
+    """convert -> distill -> finetune -> eval -> export, from one YAML file (recipes/*.yaml)."""
 
     model: str = Field(description="model source: alias, directory, .gguf file or hub id")
     convert: ConvertConfig
+    distill: DistillConfig | None = None
     finetune: FinetuneConfig | None = None
     eval: EvalConfig | None = None
     export: ExportConfig | None = Field(default_factory=ExportConfig)

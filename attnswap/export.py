@@ -41,13 +41,20 @@ def model_card(name: str, section: dict | None, metrics: dict, recipe: str | Non
         if "ratio" in ev:
             lines += ["", f"Perplexity ratio converted / original: {ev['ratio']:.4f}"]
         lines.append("")
+    ds = metrics.get("distill")
+    if ds:
+        lines += [f"Distilled (attention transfer) on {ds['tokens']} tokens of {ds['config']['data']}, "
+                  f"lr {ds['config']['lr']}: relative MSE of each layer's attention output (mean of the last 10 steps):",
+                  "", "| layer | start | final |", "|---|---:|---:|"]
+        lines += [f"| {p} | {ds['layer_loss_start'][p]:.5f} | {v:.5f} |" for p, v in ds["layer_loss_final"].items()]
+        lines.append("")
     ft = metrics.get("finetune")
     if ft:
         lines += [f"Fine-tuned {ft['steps']} steps (LoRA r={ft['lora_r']}, lr={ft['lr']}, seq_len={ft['seq_len']}) "
                   f"on {ft['data']}: mean loss of the first / last 10 steps {ft['loss_start_mean']} -> "
                   f"{ft['loss_end_mean']}, {ft['tokens']} tokens, "
                   f"world size {ft['world_size']}.", ""]
-    if not (ev or ft):
+    if not (ev or ft or ds):
         lines += ["No measurements were recorded for this checkpoint.", ""]
     if recipe:
         lines += ["## Recipe", "", "```yaml", recipe.rstrip(), "```", ""]

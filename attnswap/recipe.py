@@ -1,4 +1,4 @@
-"""Recipes: convert -> finetune -> eval -> export from one YAML file, validated in full before any step runs."""
+"""Recipes: convert -> distill -> finetune -> eval -> export from one YAML file, validated in full before any step runs."""
 from __future__ import annotations
 
 import json
@@ -46,6 +46,8 @@ def validate(recipe: Recipe, out: str | None, force: bool) -> Path:
     adapter = adapter_for(load_config(recipe.model))
     cls = get_variant(recipe.convert.variant)
     cls.check_supported(adapter, cls.parse_options(recipe.convert.options))
+    if recipe.distill:
+        check_data(recipe.distill.data)
     if recipe.finetune:
         check_data(recipe.finetune.data)
     if recipe.eval:
@@ -58,6 +60,7 @@ def validate(recipe: Recipe, out: str | None, force: bool) -> Path:
 def run(recipe: Recipe, recipe_text: str, out: str | None = None, *, force: bool = False,
         progress: bool = True, log=print) -> dict:
     """Run every step of the recipe into the run directory `out`; returns the results (also results.json)."""
+    from .distill import distill
     from .evaluate import perplexity
     from .export import export
     from .models import load_model, load_tokenizer
@@ -80,15 +83,23 @@ def run(recipe: Recipe, recipe_text: str, out: str | None = None, *, force: bool
     convert(model, recipe.convert.variant, layers=recipe.convert.layers, **recipe.convert.options)
     stage = save(model, out / "converted", tokenizer=tokenizer, files=files)
 
+    if recipe.distill:
+        log(f"[2] distill {recipe.distill.tokens} tokens on {recipe.distill.data}")
+        results["distill"] = distill(model, tokenizer, recipe.distill, out / "distilled", progress=progress)
+        (out / "distilled" / "recipe.yaml").write_text(recipe_text)
+        stage = out / "distilled"
+
     if recipe.finetune:
-        log(f"[2] finetune {recipe.finetune.steps} steps on {recipe.finetune.data}")
-        results["finetune"] = finetune(model, tokenizer, recipe.finetune, out / "finetuned", progress=progress)
+        log(f"[3] finetune {recipe.finetune.steps} steps on {recipe.finetune.data}")
+        prior = json.loads((stage / "metrics.json").read_text()) if (stage / "metrics.json").is_file() else {}
+        results["finetune"] = finetune(model, tokenizer, recipe.finetune, out / "finetuned", progress=progress,
+                                       metrics=prior)
         (out / "finetuned" / "recipe.yaml").write_text(recipe_text)
         stage = out / "finetuned"
 
     if recipe.eval:
         ev = recipe.eval
-        log(f"[3] eval perplexity on {ev.data} ({ev.max_tokens} tokens, seq_len {ev.seq_len})")
+        log(f"[4] eval perplexity on {ev.data} ({ev.max_tokens} tokens, seq_len {ev.seq_len})")
         kw = dict(max_tokens=ev.max_tokens, seq_len=ev.seq_len, progress=progress)
         evaluated = load_model(stage, merge_lora=True)
         results["eval"] = {"data": ev.data, "converted": perplexity(evaluated, tokenizer, ev.data, label="converted", **kw)}
@@ -101,7 +112,7 @@ def run(recipe: Recipe, recipe_text: str, out: str | None = None, *, force: bool
         metrics_path.write_text(json.dumps({**metrics, "eval": results["eval"]}, indent=2))
 
     if recipe.export:
-        log(f"[4] export ({recipe.export.dtype}, merge_lora={recipe.export.merge_lora}) -> {out / 'final'}")
+        log(f"[5] export ({recipe.export.dtype}, merge_lora={recipe.export.merge_lora}) -> {out / 'final'}")
         export(stage, out / "final", merge_lora=recipe.export.merge_lora, dtype=recipe.export.dtype)
         results["final"] = str(out / "final")
     (out / "results.json").write_text(json.dumps(results, indent=2))

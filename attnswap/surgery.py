@@ -1,6 +1,7 @@
 """Find attention sites, attach a variant to the chosen ones, record what was swapped; and undo it."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from torch import nn
@@ -70,6 +71,19 @@ def convert(model: nn.Module, variant: str, layers: str | list[int] | None = Non
         "versions": _versions(),
     }
     return model
+
+
+@contextlib.contextmanager
+def bypassed(model: nn.Module):
+    """Within the block every attached variant computes the original attention (the distillation teacher)."""
+    variants = list(variant_modules(model).values())
+    for v in variants:
+        v.bypass = True
+    try:
+        yield model
+    finally:
+        for v in variants:
+            v.bypass = False
 
 
 def revert(model: nn.Module) -> nn.Module:

@@ -38,6 +38,9 @@ class Variant(nn.Module):
     def __init__(self, options: VariantOptions, site: Site, geometry: Geometry, adapter: ArchAdapter):
         super().__init__()
         self.options = options
+        # when set, the attention function computes the original (exact SDPA) attention instead:
+        # the teacher of `attnswap distill`
+        self.bypass = False
         self.layer_index = site.index
         self.geometry = geometry
         self.causal = adapter.causal

@@ -1,0 +1,135 @@
+"""Stage 1 attention transfer: train only the variants' new parameters to reproduce each layer's original
+attention output (Hedgehog / LoLCATs). All original weights stay frozen.
+
+Each step runs the model once with exact attention (the teacher), capturing every converted attention
+module's inputs and outputs with hooks. Then each layer's student output is recomputed from that layer's
+captured inputs and its MSE to the teacher output is back-propagated through that one attention module
+only: layers train independently, the whole model is never back-propagated through, and the residual
+stream every layer sees is the original model's.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import check_out, save
+from .config import DistillConfig
+from .data import training_ids, windows
+from .errors import AttnswapError, TrainingDiverged
+from .surgery import bypassed, variant_modules
+
+
+class _Capture:
+    """Forward hooks that record an attention module's call (args, kwargs) and output."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.calls: dict[str, tuple] = {}
+        self.handles = []
+        for path, m in modules.items():
+            self.handles.append(m.register_forward_hook(self._hook(path), with_kwargs=True))
+
+    def _hook(self, path):
+        def hook(module, args, kwargs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            self.calls[path] = (args, kwargs, out.detach())
+
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def _held_out_losses(model, attn_modules, capture, batch) -> dict[str, float]:
+    with bypassed(model):
+        model(input_ids=batch, use_cache=False)
+    losses = {}
+    for path, (args, kwargs, target) in capture.calls.items():
+        student = attn_modules[path](*args, **kwargs)
+        student = student[0] if isinstance(student, tuple) else student
+        losses[path] = _relative_mse(student, target).item()
+    capture.calls.clear()
+    return losses
+
+
+def _relative_mse(student, target):
+    t = target.float()
+    return torch.nn.functional.mse_loss(student.float(), t) / t.pow(2).mean().clamp_min(1e-12)
+
+
+def distill(model, tokenizer, cfg: DistillConfig, out: str | Path | None = None, *, force: bool = False,
+            progress: bool = True, metrics: dict | None = None) -> dict:
+    """Train the variants' parameters to match the original attention outputs; optionally save to `out`."""
+    if out is not None:
+        check_out(out, force)
+    variants = variant_modules(model)
+    attn_modules = {path: model.get_submodule(path) for path in variants}
+    params = {path: v.trainable_parameters() for path, v in variants.items()}
+    if not any(params.values()):
+        name = model.config.attnswap["variant"] if hasattr(model.config, "attnswap") else "?"
+        raise AttnswapError(f"variant '{name}' has no parameters to distill; go straight to finetune")
+    torch.manual_seed(cfg.seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = [p for ps in params.values() for p in ps]
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(trainable, lr=cfg.lr)
+    n_train = cfg.steps * cfg.batch_size
+    # one more window than training reads: the held-out window each layer's loss is reported on
+    rows = windows(training_ids(tokenizer, cfg.data, (n_train + 1) * cfg.seq_len), cfg.seq_len)
+    held_out, rows = rows[-1:], rows[:-1]
+    device = next(model.parameters()).device
+    history: dict[str, list[float]] = {path: [] for path in variants}
+    capture = _Capture(attn_modules)
+    model.eval()  # no dropout: the student must match the teacher's deterministic output
+    start = _held_out_losses(model, attn_modules, capture, held_out.to(device))
+    bar = tqdm(range(cfg.steps), desc="distill", unit="step", disable=not progress)
+    t0 = time.perf_counter()
+    try:
+        for step in bar:
+            idx = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % len(rows)
+            batch = rows[idx].to(device)
+            with torch.no_grad(), bypassed(model):
+                model(input_ids=batch, use_cache=False)
+            optimizer.zero_grad(set_to_none=True)
+            for path, (args, kwargs, target) in capture.calls.items():
+                student = attn_modules[path](*args, **kwargs)
+                student = student[0] if isinstance(student, tuple) else student
+                # relative MSE: comparable across layers whose outputs differ in scale (Adam does not mind)
+                loss = _relative_mse(student, target)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"distill loss of {path} became {loss.item()} at step {step + 1}; "
+                                           "try a lower --lr")
+                loss.backward()
+                history[path].append(loss.item())
+            optimizer.step()
+            capture.calls.clear()
+            recent = [h[-1] for h in history.values()]
+            bar.set_postfix(mean=f"{sum(recent) / len(recent):.4f}", worst=f"{max(recent):.4f}")
+        for p in trainable:
+            p.requires_grad_(False)
+        final = _held_out_losses(model, attn_modules, capture, held_out.to(device))
+    finally:
+        capture.close()
+        bar.close()
+    result = {
+        "steps": cfg.steps,
+        "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "seconds": round(time.perf_counter() - t0, 1),
+        # relative MSE (MSE / mean square of the original output) on one held-out window
+        "layer_loss_start": {p: round(v, 5) for p, v in start.items()},
+        "layer_loss_final": {p: round(v, 5) for p, v in final.items()},
+        "mean_loss_final": round(sum(final.values()) / len(final), 5),
+        "config": cfg.model_dump(),
+    }
+    if out is not None:
+        import json
+
+        save(model, out, tokenizer=tokenizer, force=force,
+             files={"metrics.json": json.dumps({**(metrics or {}), "distill": result}, indent=2)})
+    return result

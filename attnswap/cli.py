@@ -201,6 +201,35 @@ def finetune(
 
 
 @app.command()
+def generate(
+    source: str = typer.Argument(..., help="causal model (original, converted or fine-tuned)"),
+    prompt: str = typer.Option(..., "--prompt", help="text to continue"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="tokens to generate"),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy; > 0: sampling"),
+    seed: int = typer.Option(0, "--seed", help="sampling seed"),
+    record_every: int = typer.Option(0, "--record-every", min=0, help="record cache bytes every K tokens"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
+    """Generate text with the variants' own caches; report tokens/s and peak cache bytes."""
+    from .evaluate import require_causal_lm
+    from .generation import generate as do_generate
+    from .models import load_model, load_tokenizer
+
+    model = load_model(source, merge_lora=True)
+    require_causal_lm(model, source)
+    tok = load_tokenizer(source)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if ids.shape[1] == 0:
+        raise AttnswapError("--prompt is empty after tokenisation")
+    r = do_generate(model, ids, max_new_tokens, temperature=temperature, seed=seed,
+                    eos_token_id=None, record_every=record_every)
+    text = tok.decode(r.pop("ids")[0, ids.shape[1]:], skip_special_tokens=True)
+    result = {"text": text, "prompt_tokens": ids.shape[1], **r}
+    _emit(result, as_json, f"{prompt}{text}\n[{r['new_tokens']} tokens, {r['tokens_per_second']} tok/s, "
+                           f"peak cache {r['peak_cache_bytes']} bytes]")
+
+
+@app.command()
 def export(
     source: str = typer.Argument(..., help="checkpoint to export"),
     out: str = typer.Option(..., "--out", help="export directory"),

@@ -76,6 +76,10 @@ class Variant(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.parameters())
 
+    def make_cache_layer(self):
+        """A transformers cache layer for decoding with this variant, or None for the default growing KV cache."""
+        return None
+
     def forward(self, module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
 

@@ -24,6 +24,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
+from transformers.cache_utils import CacheLayerMixin
 
 from attnswap_kernels.linear_attn import causal_linear_attn
 from attnswap_kernels.window_attn import window_softmax_terms
@@ -104,17 +105,32 @@ class LinearAttention(Variant):
         if self.options.tie_qk and self.geometry.kv_groups > 1:
             b, h, t, d = query.shape
             hk = self.geometry.num_kv_heads
-            grouped = query.view(b, hk, h // hk * t, d)
-            return self.phi_k(grouped).view(b, h, t, -1)
+            # query head h = kv * G + r uses the map of KV head kv: rows (r, t) stacked per KV head
+            grouped = query.reshape(b, hk, h // hk * t, d)
+            return self.phi_k(grouped).reshape(b, h, t, -1)
         return self.phi_q(query)
 
     def forward(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
-        if query.shape[2] != key.shape[2]:
-            raise AttnswapError("linear: decoding with a KV cache needs the linear-state cache (generate with "
-                                "use_cache=False for now)")
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = self.attend(query, key, value, scale)  # [B, H, T, D]
+        layer = self.__dict__.pop("_pending_cache", None)  # set by LinearStateLayer.update for this call
+        if layer is not None:
+            out = layer.attend(self, query, key, value, scale)
+        elif query.shape[2] != key.shape[2]:
+            raise AttnswapError("linear: decoding needs the linear-state cache (attnswap.generation.make_cache); "
+                                "a plain KV cache holds no feature-map state")
+        else:
+            out = self.attend(query, key, value, scale)  # [B, H, T, D]
         return out.transpose(1, 2).to(query.dtype), None
+
+    def make_cache_layer(self):
+        return LinearStateLayer(self)
+
+    def merge(self, h, a, c, num, den):
+        """The shared normaliser: o = (g a + (1 - g) b) / (g c + (1 - g) d), or b / d without exact terms."""
+        if not self.exact:
+            return num / (den[..., None] + EPS)
+        g = torch.sigmoid(self.mix).view(1, h, 1)
+        return (g[..., None] * a + (1 - g[..., None]) * num) / (g * c + (1 - g) * den + EPS)[..., None]
 
     def attend(self, query, key, value, scale):
         o = self.options
@@ -136,13 +152,12 @@ class LinearAttention(Variant):
             lin = F.pad(shifted.float(), (0, 0, w, 0))  # the first w queries have no linear part
         num, den = lin[..., :d].float(), lin[..., d].float()
         if not self.exact:
-            return num / (den[..., None] + EPS)
+            return self.merge(h, None, None, num, den)
         if self.causal:
             a, c, _ = window_softmax_terms(query, key, value, o.window, o.sinks, scale)
         else:
             a, c = _sink_terms(query, key, value, o.sinks, scale)
-        g = torch.sigmoid(self.mix).view(1, h, 1)
-        return (g[..., None] * a + (1 - g[..., None]) * num) / (g * c + (1 - g) * den + EPS)[..., None]
+        return self.merge(h, a, c, num, den)
 
     def _bidirectional(self, fq, fk, v_ext):
         hk = fk.shape[1]
@@ -162,3 +177,128 @@ def _sink_terms(query, key, value, sinks, scale):
     p = torch.exp(s - m.unsqueeze(-1))
     a = torch.einsum("bhgij,bhjd->bhgid", p, value[:, :, :sinks].float())
     return a.reshape(b, h, t, -1), p.sum(-1).reshape(b, h, t)
+
+
+class LinearStateLayer(CacheLayerMixin):
+    """Decoding cache of one `linear` layer: constant size, whatever the length.
+
+    Holds the first `sinks` keys/values, the last `window` other keys/values, and the linear state of
+    every older token, S = sum phi(k_j) [v_j, 1]^T  [B, Hk, F, D + 1] (float32). transformers calls
+    `update` with the new keys/values; the variant's forward then calls `attend`, which computes the new
+    queries' outputs from these pieces and folds the tokens that leave the window into S.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, variant: LinearAttention):
+        super().__init__()
+        self.variant = variant
+        self.seen = 0  # tokens processed so far (positions 0 .. seen - 1)
+        self.sink_k = self.sink_v = self.win_k = self.win_v = self.state = None
+
+    def lazy_initialization(self, key_states, value_states):
+        b, hk, _, d = key_states.shape
+        self.device = key_states.device
+        empty = key_states.new_zeros(b, hk, 0, d)
+        self.sink_k, self.sink_v, self.win_k, self.win_v = empty, empty.clone(), empty.clone(), empty.clone()
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.new_k, self.new_v = key_states, value_states
+        self.variant._pending_cache = self
+        keys = torch.cat([self.sink_k, self.win_k, key_states], dim=2)
+        values = torch.cat([self.sink_v, self.win_v, value_states], dim=2)
+        return keys, values
+
+    def attend(self, variant: LinearAttention, query, key, value, scale):
+        """Outputs of the new queries (positions seen .. seen + n - 1), then advance the state."""
+        o = variant.options
+        n = query.shape[2]
+        if self.seen == 0:
+            out = variant.attend(query, self.new_k, self.new_v, scale)  # prefill: the parallel form
+        else:
+            out = self._attend_recurrent(variant, query, key, value, scale)
+        self._advance(variant, o.sinks, o.window)
+        self.seen += n
+        return out
+
+    def _positions(self, n):
+        dev = self.new_k.device
+        ns, nw = self.sink_k.shape[2], self.win_k.shape[2]
+        sink_pos = torch.arange(ns, device=dev)
+        win_pos = torch.arange(self.seen - nw, self.seen, device=dev)
+        new_pos = torch.arange(self.seen, self.seen + n, device=dev)
+        return torch.cat([sink_pos, win_pos, new_pos]), new_pos
+
+    def _attend_recurrent(self, variant, query, key, value, scale):
+        o = variant.options
+        b, h, n, d = query.shape
+        hk = key.shape[1]
+        g = h // hk
+        pos_k, pos_q = self._positions(n)
+        qi, kj = pos_q[:, None], pos_k[None, :]
+        causal = kj <= qi
+        exact = causal & (((qi - kj) < o.window) | (kj < o.sinks))
+        linear = causal & ~exact
+        qg = query.float().view(b, hk, g, n, d)
+        fq = variant._phi_q(query).float().view(b, hk, g, n, -1)
+        fk = variant.phi_k(key).float()  # [B, Hk, R + n, F]
+        v_ext = torch.cat([value.float(), torch.ones_like(value[..., :1], dtype=torch.float32)], dim=-1)
+        kern = torch.einsum("bhgqf,bhkf->bhgqk", fq, fk) * linear
+        lin = kern @ v_ext[:, :, None]  # [B, Hk, G, n, D + 1]
+        if self.state is not None:
+            lin = lin + torch.einsum("bhgqf,bhfv->bhgqv", fq, self.state)
+        lin = lin.reshape(b, h, n, d + 1)
+        num, den = lin[..., :d], lin[..., d]
+        if not variant.exact:
+            return variant.merge(h, None, None, num, den)
+        scores = torch.einsum("bhgqd,bhkd->bhgqk", qg, key.float()) * scale
+        scores = scores.masked_fill(~exact, torch.finfo(torch.float32).min)
+        p = torch.exp(scores - scores.amax(-1, keepdim=True)) * exact
+        a = (p @ value.float()[:, :, None]).reshape(b, h, n, d)
+        c = p.sum(-1).reshape(b, h, n)
+        return variant.merge(h, a, c, num, den)
+
+    @torch.no_grad()
+    def _advance(self, variant, sinks, window):
+        """New tokens join the sinks (while fewer than `sinks` were seen) or the window; the overflow of the
+        window is folded into the linear state."""
+        new_k, new_v = self.new_k, self.new_v
+        take = max(0, min(sinks - self.seen, new_k.shape[2]))
+        if take:
+            self.sink_k = torch.cat([self.sink_k, new_k[:, :, :take]], dim=2)
+            self.sink_v = torch.cat([self.sink_v, new_v[:, :, :take]], dim=2)
+            new_k, new_v = new_k[:, :, take:], new_v[:, :, take:]
+        win_k = torch.cat([self.win_k, new_k], dim=2)
+        win_v = torch.cat([self.win_v, new_v], dim=2)
+        spill = win_k.shape[2] - window
+        if spill > 0:
+            fk = variant.phi_k(win_k[:, :, :spill]).float()
+            v_ext = torch.cat([win_v[:, :, :spill].float(), torch.ones_like(win_v[:, :, :spill, :1], dtype=torch.float32)], -1)
+            add = torch.einsum("bhtf,bhtv->bhfv", fk, v_ext)
+            self.state = add if self.state is None else self.state + add
+            win_k, win_v = win_k[:, :, spill:], win_v[:, :, spill:]
+        self.win_k, self.win_v = win_k, win_v
+        del self.new_k, self.new_v
+
+    def tensors(self):
+        return [self.sink_k, self.sink_v, self.win_k, self.win_v, self.state]
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kept = 0 if self.sink_k is None else self.sink_k.shape[2] + self.win_k.shape[2]
+        return kept + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.seen = 0
+        self.sink_k = self.sink_v = self.win_k = self.win_v = self.state = None
+        self.is_initialized = False

@@ -17,6 +17,13 @@ eval_app = typer.Typer(help="Evaluate a model (original, converted or fine-tuned
 app.add_typer(eval_app, name="eval")
 
 JSON_HELP = "print a JSON object as the last line of stdout"
+
+
+def opt(config: type, name: str, *, extra_help: str = ""):
+    """A Typer option whose default and help come from the config field `name` (written once, there)."""
+    field = config.model_fields[name]
+    default = ... if field.is_required() else field.default
+    return typer.Option(default, "--" + name.replace("_", "-"), help=(field.description or "") + extra_help)
 FORCE_HELP = "overwrite an existing output directory"
 
 
@@ -100,9 +107,9 @@ def convert(
 @eval_app.command("perplexity")
 def eval_perplexity(
     source: str = typer.Argument(..., help="model to evaluate"),
-    data: str = typer.Option(..., "--data", help=field_help(EvalConfig, "data")),
+    data: str = opt(EvalConfig, "data"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help=field_help(EvalConfig, "max_tokens") + " (default: all)"),
-    seq_len: int = typer.Option(1024, "--seq-len", help=field_help(EvalConfig, "seq_len")),
+    seq_len: int = opt(EvalConfig, "seq_len"),
     batch_size: int = typer.Option(1, "--batch-size", help="windows per forward pass"),
     compare: Optional[str] = typer.Option(None, "--compare", help="also evaluate this original model; report the ratio"),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -143,13 +150,13 @@ def _config(cls, **values):
 @app.command()
 def distill(
     source: str = typer.Argument(..., help="converted model whose variant has parameters to train"),
-    data: str = typer.Option(..., "--data", help=field_help(DistillConfig, "data")),
-    tokens: int = typer.Option(..., "--tokens", help=field_help(DistillConfig, "tokens")),
+    data: str = opt(DistillConfig, "data"),
+    tokens: int = opt(DistillConfig, "tokens"),
     out: str = typer.Option(..., "--out", help="output checkpoint directory"),
-    seq_len: int = typer.Option(1024, "--seq-len", help=field_help(DistillConfig, "seq_len")),
-    batch_size: int = typer.Option(1, "--batch-size", help=field_help(DistillConfig, "batch_size")),
-    lr: float = typer.Option(1e-2, "--lr", help=field_help(DistillConfig, "lr")),
-    seed: int = typer.Option(0, "--seed", help=field_help(DistillConfig, "seed")),
+    seq_len: int = opt(DistillConfig, "seq_len"),
+    batch_size: int = opt(DistillConfig, "batch_size"),
+    lr: float = opt(DistillConfig, "lr"),
+    seed: int = opt(DistillConfig, "seed"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
@@ -171,17 +178,17 @@ def distill(
 @app.command()
 def finetune(
     source: str = typer.Argument(..., help="model to fine-tune (converted or original)"),
-    data: str = typer.Option(..., "--data", help=field_help(FinetuneConfig, "data")),
-    steps: int = typer.Option(..., "--steps", help=field_help(FinetuneConfig, "steps")),
+    data: str = opt(FinetuneConfig, "data"),
+    steps: int = opt(FinetuneConfig, "steps"),
     out: str = typer.Option(..., "--out", help="output directory (checkpoints in OUT/checkpoints)"),
-    lora_r: int = typer.Option(8, "--lora-r", help=field_help(FinetuneConfig, "lora_r")),
-    lora_alpha: float = typer.Option(16.0, "--lora-alpha", help=field_help(FinetuneConfig, "lora_alpha")),
-    lr: float = typer.Option(2e-4, "--lr", help=field_help(FinetuneConfig, "lr")),
-    warmup: int = typer.Option(10, "--warmup", help=field_help(FinetuneConfig, "warmup")),
-    seq_len: int = typer.Option(512, "--seq-len", help=field_help(FinetuneConfig, "seq_len")),
-    batch_size: int = typer.Option(1, "--batch-size", help=field_help(FinetuneConfig, "batch_size")),
-    save_every: int = typer.Option(50, "--save-every", help=field_help(FinetuneConfig, "save_every")),
-    seed: int = typer.Option(0, "--seed", help=field_help(FinetuneConfig, "seed")),
+    lora_r: int = opt(FinetuneConfig, "lora_r"),
+    lora_alpha: float = opt(FinetuneConfig, "lora_alpha"),
+    lr: float = opt(FinetuneConfig, "lr"),
+    warmup: int = opt(FinetuneConfig, "warmup"),
+    seq_len: int = opt(FinetuneConfig, "seq_len"),
+    batch_size: int = opt(FinetuneConfig, "batch_size"),
+    save_every: int = opt(FinetuneConfig, "save_every"),
+    seed: int = opt(FinetuneConfig, "seed"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in OUT"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -233,8 +240,9 @@ def generate(
 def export(
     source: str = typer.Argument(..., help="checkpoint to export"),
     out: str = typer.Option(..., "--out", help="export directory"),
-    merge_lora: bool = typer.Option(True, "--merge-lora/--no-merge-lora", help=field_help(ExportConfig, "merge_lora")),
-    dtype: str = typer.Option("fp32", "--dtype", help=field_help(ExportConfig, "dtype") + ": fp32, bf16 or fp16"),
+    merge_lora: bool = typer.Option(ExportConfig.model_fields["merge_lora"].default, "--merge-lora/--no-merge-lora",
+                                    help=field_help(ExportConfig, "merge_lora")),
+    dtype: str = opt(ExportConfig, "dtype", extra_help=": fp32, bf16 or fp16"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):

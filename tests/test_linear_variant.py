@@ -128,3 +128,16 @@ def test_window_on_an_encoder_is_a_one_line_error(tiny_dirs):
     model = attnswap.load_model(tiny_dirs["bert"])
     with pytest.raises(attnswap.AttnswapError, match="window > 0 is implemented for causal models only"):
         attnswap.convert(model, "linear", window=8)
+
+
+def test_padding_does_not_leak_into_an_encoder(tiny_dirs):
+    """A padded batch row gives the same real-token outputs as the row alone."""
+    model = attnswap.load_model(tiny_dirs["bert"])
+    attnswap.convert(model, "linear", feature_map="hedgehog", window=0, sinks=2)
+    ids = sample_ids(model.config.vocab_size, batch=1, length=20)
+    padded = torch.cat([ids, torch.zeros(1, 7, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 20, dtype=torch.long), torch.zeros(1, 7, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        alone = model(input_ids=ids).last_hidden_state
+        batched = model(input_ids=padded, attention_mask=mask).last_hidden_state[:, :20]
+    assert (alone - batched).abs().max() <= 1e-5

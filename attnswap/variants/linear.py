@@ -119,7 +119,7 @@ class LinearAttention(Variant):
             raise AttnswapError("linear: decoding needs the linear-state cache (attnswap.generation.make_cache); "
                                 "a plain KV cache holds no feature-map state")
         else:
-            out = self.attend(query, key, value, scale)  # [B, H, T, D]
+            out = self.attend(query, key, value, scale, _key_keep(attention_mask))  # [B, H, T, D]
         return out.transpose(1, 2).to(query.dtype), None
 
     def make_cache_layer(self):
@@ -132,10 +132,13 @@ class LinearAttention(Variant):
         g = torch.sigmoid(self.mix).view(1, h, 1)
         return (g[..., None] * a + (1 - g[..., None]) * num) / (g * c + (1 - g) * den + EPS)[..., None]
 
-    def attend(self, query, key, value, scale):
+    def attend(self, query, key, value, scale, key_keep=None):
+        """Parallel form. key_keep [B, T] (False = padding) removes padded keys from every term."""
         o = self.options
         b, h, t, d = query.shape
         fq, fk = self._phi_q(query), self.phi_k(key)
+        if key_keep is not None:
+            fk = fk * key_keep[:, None, :, None].to(fk.dtype)
         ones = torch.ones(*value.shape[:-1], 1, dtype=value.dtype, device=value.device)
         v_ext = torch.cat([value, ones], dim=-1)  # [B, Hk, T, Dv + 1]: the last column sums the normaliser
         if o.sinks:
@@ -156,7 +159,7 @@ class LinearAttention(Variant):
         if self.causal:
             a, c, _ = window_softmax_terms(query, key, value, o.window, o.sinks, scale)
         else:
-            a, c = _sink_terms(query, key, value, o.sinks, scale)
+            a, c = _sink_terms(query, key, value, o.sinks, scale, key_keep)
         return self.merge(h, a, c, num, den)
 
     def _bidirectional(self, fq, fk, v_ext):
@@ -166,15 +169,29 @@ class LinearAttention(Variant):
         return torch.einsum("bhgtf,bhfv->bhgtv", fq.float().view(b, hk, h // hk, t, f), state).reshape(b, h, t, -1)
 
 
+def _key_keep(attention_mask):
+    """[B, T] True for real keys, from transformers' boolean [B, 1, Tq, Tk] mask (None: no padding).
 
-def _sink_terms(query, key, value, sinks, scale):
+    Causal models get a causal boolean mask here only when padding is present, so a key column that no
+    query may see is padding.
+    """
+    if attention_mask is None or attention_mask.dtype != torch.bool:
+        return None
+    return attention_mask.any(dim=-2)[:, 0]
+
+
+def _sink_terms(query, key, value, sinks, scale, key_keep=None):
     """Bidirectional exact terms: every query sees the first `sinks` keys. -> a [B, H, T, Dv], c [B, H, T]."""
     b, h, t, d = query.shape
     hk = key.shape[1]
     qg = query.float().view(b, hk, h // hk, t, d)
     s = torch.einsum("bhgid,bhjd->bhgij", qg, key[:, :, :sinks].float()) * scale
+    if key_keep is not None:
+        s = s.masked_fill(~key_keep[:, None, None, None, :sinks], torch.finfo(torch.float32).min)
     m = s.amax(-1)
     p = torch.exp(s - m.unsqueeze(-1))
+    if key_keep is not None:
+        p = p * key_keep[:, None, None, None, :sinks]
     a = torch.einsum("bhgij,bhjd->bhgid", p, value[:, :, :sinks].float())
     return a.reshape(b, h, t, -1), p.sum(-1).reshape(b, h, t)
 

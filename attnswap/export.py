@@ -44,8 +44,8 @@ def model_card(name: str, section: dict | None, metrics: dict, recipe: str | Non
     ds = metrics.get("distill")
     if ds:
         lines += [f"Distilled (attention transfer) on {ds['tokens']} tokens of {ds['config']['data']}, "
-                  f"lr {ds['config']['lr']}: relative MSE of each layer's attention output (mean of the last 10 steps):",
-                  "", "| layer | start | final |", "|---|---:|---:|"]
+                  f"lr {ds['config']['lr']}: relative MSE of each layer's attention output against the original "
+                  "on a held-out window, before and after:", "", "| layer | before | after |", "|---|---:|---:|"]
         lines += [f"| {p} | {ds['layer_loss_start'][p]:.5f} | {v:.5f} |" for p, v in ds["layer_loss_final"].items()]
         lines.append("")
     ft = metrics.get("finetune")

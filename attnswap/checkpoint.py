@@ -72,6 +72,12 @@ def save(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, force: boo
     return Path(out)
 
 
+def read_metrics(directory: str | os.PathLike) -> dict:
+    """The measurements recorded beside a checkpoint (`metrics.json`), or {}."""
+    path = Path(directory) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():

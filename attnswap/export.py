@@ -7,15 +7,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_dir, check_out, write_model
+from .checkpoint import atomic_dir, check_out, read_metrics, write_model
 from .models import load_model, load_tokenizer, resolve
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHARD_SIZE = "2GB"
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def model_card(name: str, section: dict | None, metrics: dict, recipe: str | None) -> str:
@@ -70,7 +66,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, merge_lora: boo
     model = load_model(source, merge_lora=merge_lora)
     model = model.to(DTYPES[dtype])
     tokenizer = load_tokenizer(source)
-    metrics = _read_json(src_dir / "metrics.json") if src_dir else {}
+    metrics = read_metrics(src_dir) if src_dir else {}
     recipe_path = src_dir / "recipe.yaml" if src_dir else None
     recipe = recipe_path.read_text() if recipe_path and recipe_path.is_file() else None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from .checkpoint import check_out, save
+from .checkpoint import check_out, read_metrics, save
 from .config import Recipe
 from .data import check_data
 from .errors import AttnswapError
@@ -91,9 +91,8 @@ def run(recipe: Recipe, recipe_text: str, out: str | None = None, *, force: bool
 
     if recipe.finetune:
         log(f"[3] finetune {recipe.finetune.steps} steps on {recipe.finetune.data}")
-        prior = json.loads((stage / "metrics.json").read_text()) if (stage / "metrics.json").is_file() else {}
         results["finetune"] = finetune(model, tokenizer, recipe.finetune, out / "finetuned", progress=progress,
-                                       metrics=prior)
+                                       metrics=read_metrics(stage))
         (out / "finetuned" / "recipe.yaml").write_text(recipe_text)
         stage = out / "finetuned"
 
@@ -107,9 +106,7 @@ def run(recipe: Recipe, recipe_text: str, out: str | None = None, *, force: bool
             original = perplexity(load_model(recipe.model), tokenizer, ev.data, label="original", **kw)
             results["eval"]["original"] = original
             results["eval"]["ratio"] = results["eval"]["converted"]["perplexity"] / original["perplexity"]
-        metrics_path = stage / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-        metrics_path.write_text(json.dumps({**metrics, "eval": results["eval"]}, indent=2))
+        (stage / "metrics.json").write_text(json.dumps({**read_metrics(stage), "eval": results["eval"]}, indent=2))
 
     if recipe.export:
         log(f"[5] export ({recipe.export.dtype}, merge_lora={recipe.export.merge_lora}) -> {out / 'final'}")

@@ -72,7 +72,7 @@ class FeatureMap(nn.Module):
             return F.relu(x)
         if self.kind == "identity":
             return x
-        z = torch.einsum("bhtd,hdf->bhtf", x, self.weight.to(x.dtype))
+        z = torch.matmul(x, self.weight.to(x.dtype))  # [B, H, T, D] @ [H, D, F] -> [B, H, T, F]
         return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], dim=-1)
 
 

@@ -29,12 +29,15 @@ def main():
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--every", type=int, default=256)
+    p.add_argument("--setups", default=",".join(SETUPS), help="comma-separated names from: " + ", ".join(SETUPS))
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    chosen = [n.strip() for n in a.setups.split(",")]
     tok = attnswap.load_tokenizer(a.model)
     prompt = tok("The history of the city begins", return_tensors="pt", add_special_tokens=False)["input_ids"]
     runs = {}
-    for name, opts in SETUPS.items():
+    for name in chosen:
+        opts = SETUPS[name]
         model = attnswap.load_model(a.model)
         if opts is not None:
             attnswap.convert(model, "linear", **opts)

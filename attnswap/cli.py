@@ -131,13 +131,11 @@ def eval_perplexity(
     from .data import check_data
     from .evaluate import perplexity, require_causal_lm
     from .models import load_config, load_model, load_tokenizer
-    from .arch import adapter_for
 
     cfg = EvalConfig(data=data, max_tokens=max_tokens, seq_len=seq_len)
     check_data(cfg.data)
     for s in [source] + ([compare] if compare else []):
-        if not adapter_for(load_config(s)).causal:
-            require_causal_lm(load_model(s), s)
+        require_causal_lm(load_config(s), s)
     tokenizer = load_tokenizer(source)
     kw = dict(max_tokens=cfg.max_tokens, seq_len=cfg.seq_len, batch_size=batch_size)
     result = perplexity(load_model(source, merge_lora=True), tokenizer, cfg.data, label=source, **kw)
@@ -233,10 +231,10 @@ def generate(
     """Generate text with the variants' own caches; report tokens/s and peak cache bytes."""
     from .evaluate import require_causal_lm
     from .generation import generate as do_generate
-    from .models import load_model, load_tokenizer
+    from .models import load_config, load_model, load_tokenizer
 
+    require_causal_lm(load_config(source), source)
     model = load_model(source, merge_lora=True)
-    require_causal_lm(model, source)
     tok = load_tokenizer(source)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     if ids.shape[1] == 0:

@@ -16,16 +16,14 @@ from tqdm.auto import tqdm
 from .arch import adapter_for
 from .data import encode, read_text, windows
 from .errors import AttnswapError
+from .surgery import _base
 
 
-def require_causal_lm(model, label: str = "this model") -> None:
-    adapter = adapter_for(_config(model))
+def require_causal_lm(config, label: str = "this model") -> None:
+    """One-line error unless `config` describes a causal language model."""
+    adapter = adapter_for(config)
     if not adapter.causal:
         raise AttnswapError(f"perplexity needs a causal language model; {label} is a bidirectional {adapter.name} encoder")
-
-
-def _config(model):
-    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
 
 
 @torch.no_grad()
@@ -39,7 +37,7 @@ def window_nll(model, batch: torch.Tensor) -> torch.Tensor:
 def perplexity(model, tokenizer, data: str, *, max_tokens: int | None = None, seq_len: int = 1024,
                batch_size: int = 1, progress: bool = True, label: str = "model") -> dict:
     """Evaluate `model` on `data` (a text file path or a named dataset) under the protocol above."""
-    require_causal_lm(model, label)
+    require_causal_lm(_base(model).config, label)
     if seq_len < 2:
         raise AttnswapError("--seq-len must be at least 2")
     ids = encode(tokenizer, read_text(data))

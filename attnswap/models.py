@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -248,7 +247,3 @@ def _checkpoint_error(src: Source, err: Exception) -> AttnswapError:
 def describe_aliases() -> list[dict]:
     return [{"alias": k, "package": v.pip_name, "model": v.description} for k, v in ALIASES.items()]
 
-
-def read_attnswap_section(path: Path) -> dict | None:
-    cfg = path / "config.json"
-    return json.loads(cfg.read_text()).get("attnswap") if cfg.is_file() else None

@@ -4,12 +4,7 @@ Dispatch rule for every op: CUDA tensors run the Triton kernel, CPU tensors the 
 The tests call the Triton entry points directly on CPU tensors with TRITON_INTERPRET=1 set before
 triton is imported: Triton's interpreter then runs the kernels on the CPU, against the references.
 """
-import os
-
 from .testing import assert_close, rel_rms_error
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
 
 def triton_available() -> bool:
     try:
@@ -24,4 +19,4 @@ def use_triton(*tensors) -> bool:
     return all(t.is_cuda for t in tensors) and triton_available()
 
 
-__all__ = ["INTERPRET", "assert_close", "rel_rms_error", "triton_available", "use_triton"]
+__all__ = ["assert_close", "rel_rms_error", "triton_available", "use_triton"]

@@ -28,8 +28,9 @@ FORCE_HELP = "overwrite an existing output directory"
 
 
 def _emit(result: dict, as_json: bool, human: str) -> None:
+    # with --json, stdout is the JSON object alone (pipe it to jq); the human summary goes to stderr
     if human:
-        typer.echo(human)
+        typer.echo(human, err=as_json)
     if as_json:
         typer.echo(json.dumps(result, default=str))
 

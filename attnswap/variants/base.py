@@ -85,3 +85,14 @@ class Variant(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.options.model_dump().items())
+
+
+def key_padding_keep(attention_mask):
+    """[B, Tk] True for real keys, from transformers' boolean [B, 1, Tq, Tk] mask (None: no padding).
+
+    Causal models get a causal boolean mask here only when padding is present, so a key column that no
+    query may see is padding.
+    """
+    if attention_mask is None or attention_mask.dtype != torch.bool:
+        return None
+    return attention_mask.any(dim=-2)[:, 0]

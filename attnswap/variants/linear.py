@@ -30,7 +30,7 @@ from attnswap_kernels.linear_attn import causal_linear_attn
 from attnswap_kernels.window_attn import window_softmax_terms
 
 from ..errors import AttnswapError
-from .base import Variant, VariantOptions
+from .base import Variant, VariantOptions, key_padding_keep
 from .registry import register
 
 EPS = 1e-6
@@ -119,7 +119,7 @@ class LinearAttention(Variant):
             raise AttnswapError("linear: decoding needs the linear-state cache (attnswap.generation.make_cache); "
                                 "a plain KV cache holds no feature-map state")
         else:
-            out = self.attend(query, key, value, scale, _key_keep(attention_mask))  # [B, H, T, D]
+            out = self.attend(query, key, value, scale, key_padding_keep(attention_mask))  # [B, H, T, D]
         return out.transpose(1, 2).to(query.dtype), None
 
     def make_cache_layer(self):
@@ -167,17 +167,6 @@ class LinearAttention(Variant):
         b, h, t, f = fq.shape
         state = torch.einsum("bhtf,bhtv->bhfv", fk.float(), v_ext.float())  # [B, Hk, F, V + 1]
         return torch.einsum("bhgtf,bhfv->bhgtv", fq.float().view(b, hk, h // hk, t, f), state).reshape(b, h, t, -1)
-
-
-def _key_keep(attention_mask):
-    """[B, T] True for real keys, from transformers' boolean [B, 1, Tq, Tk] mask (None: no padding).
-
-    Causal models get a causal boolean mask here only when padding is present, so a key column that no
-    query may see is padding.
-    """
-    if attention_mask is None or attention_mask.dtype != torch.bool:
-        return None
-    return attention_mask.any(dim=-2)[:, 0]
 
 
 def _sink_terms(query, key, value, sinks, scale, key_keep=None):

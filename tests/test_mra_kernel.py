@@ -13,11 +13,11 @@ SHAPES = [
     (1, 3, 1, 100, 100, 16, 17),
     (2, 4, 2, 3, 70, 8, 8),
 ]
-OPTIONS = [  # budget, approx, selection, diagonal, first
-    (0.5, "full", "row", 1, 1),
-    (0.25, "full", "global", 0, 0),
-    (0.5, "sparse", "row", 2, 0),
-    (2, "full", "row", 1, 1),
+OPTIONS = [  # budget, approx, selection, diagonal, first, shared selection per KV group
+    (0.5, "full", "row", 1, 1, False),
+    (0.25, "full", "global", 0, 0, True),
+    (0.5, "sparse", "row", 2, 0, True),
+    (2, "full", "global", 1, 1, False),
 ]
 
 
@@ -49,10 +49,10 @@ def _run(q, k, v, do, **kw):
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(map(str, o)))
 def test_blocked_reference_equals_the_dense_definition(shape, causal, opts):
-    budget, approx, selection, diag, first = opts
+    budget, approx, selection, diag, first, shared = opts
     q, k, v, do, keep = _inputs(shape, torch.float64)
     kw = dict(causal=causal, block_size=8, budget=budget, approx=approx, selection=selection,
-              diagonal_blocks=diag, first_blocks=first, key_valid=keep)
+              diagonal_blocks=diag, first_blocks=first, shared_selection=shared, key_valid=keep)
     ref = _run(q, k, v, do, impl="naive", **kw)
     got = _run(q, k, v, do, impl="blocked", **kw)
     for name, r, o in zip(("o", "dq", "dk", "dv"), ref, got):
@@ -76,10 +76,10 @@ def test_full_budget_is_exact_attention(shape, causal, impl):
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("opts", OPTIONS[:3], ids=lambda o: "-".join(map(str, o)))
 def test_triton_kernel_equals_the_reference_fp32(shape, causal, opts):
-    budget, approx, selection, diag, first = opts
+    budget, approx, selection, diag, first, shared = opts
     q, k, v, do, keep = _inputs(shape)
     kw = dict(causal=causal, block_size=16, budget=budget, approx=approx, selection=selection,
-              diagonal_blocks=diag, first_blocks=first, key_valid=keep)
+              diagonal_blocks=diag, first_blocks=first, shared_selection=shared, key_valid=keep)
     ref = _run(q, k, v, do, impl="blocked", **kw)
     got = _run(q, k, v, do, impl="triton", **kw)
     for name, r, o in zip(("o", "dq", "dk", "dv"), ref, got):
@@ -102,18 +102,22 @@ def test_budget_counts_and_priors():
     q, k, v, _, _ = _inputs((1, 2, 1, t, t, 8, 8), padded=False)
     lay = Layout(bs, t, t)
     _, _, _, kvalid, kbar, _, logn = prepare(q, k, v, None, lay)
-    sel = select_blocks(q, kbar, logn, kvalid, lay, causal=True, budget=0.5, diagonal_blocks=1, first_blocks=1)
+    sel = select_blocks(q, kbar, logn, kvalid, lay, causal=True, budget=0.5, selection="row", diagonal_blocks=1,
+                        first_blocks=1)
     rows = torch.arange(8)
     assert not torch.triu(sel[0, 0].int(), diagonal=1).any()  # block-causal
     assert sel[0, :, rows, rows].all() and sel[0, :, :, 0].all()  # diagonal and first block
     allowed = rows + 1
     expect = torch.maximum(torch.ceil(allowed * 0.5), torch.minimum(allowed, torch.tensor(2))).long()
     assert torch.equal(sel[0, 0].sum(-1), expect)
-    sel_b = select_blocks(q, kbar, logn, kvalid, lay, causal=False, budget=3, diagonal_blocks=0, first_blocks=0)
+    sel_b = select_blocks(q, kbar, logn, kvalid, lay, causal=False, budget=3, selection="row", diagonal_blocks=0,
+                          first_blocks=0)
     assert torch.equal(sel_b.sum(-1), torch.full((1, 2, 8), 3))  # a count: 3 blocks per row
     sel_g = select_blocks(q, kbar, logn, kvalid, lay, causal=False, budget=0.25, selection="global", diagonal_blocks=0,
                           first_blocks=0)
     assert sel_g.sum((-1, -2)).tolist() == [[16, 16]]  # a quarter of the 64 pairs, per head
+    sel_s = select_blocks(q, kbar, logn, kvalid, lay, causal=True, budget=0.25, first_blocks=0, shared=True)
+    assert sel_s.shape == (1, 1, 8, 8) and int(sel_s.sum()) == 9  # one selection for the KV group: ceil(36 / 4)
 
 
 def test_no_zero_or_nan_output_for_odd_lengths_and_padding():

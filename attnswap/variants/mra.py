@@ -24,8 +24,10 @@ class MRAOptions(VariantOptions):
         0.5, gt=0, description="exact blocks: <= 1 a fraction of the allowed block pairs, > 1 blocks per query-block row")
     approx_mode: Literal["full", "sparse"] = Field(
         "full", description="full: non-selected blocks from block means (log-sum-exp merge); sparse: selected only")
-    selection: Literal["row", "global"] = Field(
-        "row", description="spend the budget in every query-block row, or over each head's whole block grid")
+    selection: Literal["global", "row"] = Field(
+        "global", description="spend the budget over each head's whole block grid, or evenly in every query-block row")
+    shared_selection: bool = Field(
+        True, description="grouped-query models: one block selection per KV head, shared by its query heads")
     diagonal_blocks: int = Field(1, ge=0, description="band of diagonal blocks always exact (causal: at least 1)")
     first_blocks: int = Field(1, ge=0, description="first key blocks always exact (global tokens, attention sinks)")
 
@@ -48,6 +50,7 @@ class MRA(Variant):
         out = mra_attention(
             query, key, value, causal=self.causal, block_size=o.block_size, budget=o.block_budget,
             approx=o.approx_mode, selection=o.selection, diagonal_blocks=o.diagonal_blocks,
-            first_blocks=o.first_blocks, key_valid=key_padding_keep(attention_mask), scale=scaling,
+            first_blocks=o.first_blocks, shared_selection=o.shared_selection,
+            key_valid=key_padding_keep(attention_mask), scale=scaling,
         )
         return out.transpose(1, 2), None

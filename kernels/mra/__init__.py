@@ -12,8 +12,8 @@ from .reference import (
 
 
 def mra_attention(q, k, v, *, causal: bool, block_size: int = 32, budget: float = 0.5, approx: str = "full",
-                  selection: str = "row", diagonal_blocks: int = 1, first_blocks: int = 1, key_valid=None,
-                  scale: float | None = None, impl: str = "auto"):
+                  selection: str = "global", diagonal_blocks: int = 1, first_blocks: int = 1, key_valid=None,
+                  scale: float | None = None, shared_selection: bool = True, impl: str = "auto"):
     """q [B, H, Tq, D], k [B, Hk, Tk, D], v [B, Hk, Tk, Dv] -> [B, H, Tq, Dv]; differentiable in q, k, v.
 
     Queries are the last Tq of the Tk positions; key_valid [B, Tk] (False = padding) or None. See reference.py
@@ -25,7 +25,8 @@ def mra_attention(q, k, v, *, causal: bool, block_size: int = 32, budget: float 
     lay = Layout(block_size, q.shape[2], k.shape[2])
     qp, kp, vp, kvalid, kbar, vbar, logn = prepare(q, k, v, key_valid, lay)
     sel = select_blocks(q, kbar, logn, kvalid, lay, causal=causal, budget=budget, selection=selection,
-                        diagonal_blocks=diagonal_blocks, first_blocks=first_blocks, scale=scale)
+                        diagonal_blocks=diagonal_blocks, first_blocks=first_blocks, scale=scale,
+                        shared=shared_selection)
     if impl == "auto":
         pow2 = block_size >= 16 and not block_size & (block_size - 1)
         impl = "triton" if use_triton(q, k, v) and pow2 else "blocked"

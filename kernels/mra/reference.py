@@ -125,18 +125,21 @@ def select_blocks(
     *,
     causal: bool,
     budget: float,
-    selection: str = "row",
+    selection: str = "global",
     diagonal_blocks: int = 1,
     first_blocks: int = 1,
     scale: float | None = None,
+    shared: bool = False,
 ) -> torch.Tensor:
-    """The block pairs computed exactly: [B, H, nbq, nbk] bool (not differentiable).
+    """The block pairs computed exactly: [B, Hs, nbq, nbk] bool (not differentiable), Hs = H, or Hk when `shared`.
 
-    Low-resolution scores qbar_I . kbar_J rank the allowed pairs (qbar_I: mean of the block's real queries;
-    kvalid [B, nbk*bs] from `prepare` marks padding, which is in no mean). `budget` <= 1 is the fraction of allowed pairs
-    (rounded up) and > 1 a count of blocks per query-block row; "row" selection spends it in every query-block
-    row, "global" over each head's whole grid (rows with peaked scores take fewer blocks). The priors are added
-    first and count towards the budget.
+    Allowed pairs are ranked by their low-resolution attention probability, softmax over J of
+    qbar_I . kbar_J * scale + log n_J (qbar_I: mean of the block's real queries; kvalid [B, nbk*bs] from `prepare`
+    marks padding, which is in no mean). `budget` <= 1 is the fraction of allowed pairs (rounded up) and > 1 a
+    count of blocks per query-block row; "row" selection spends it in every query-block row, "global" over each
+    head's whole grid (rows whose mass is concentrated take fewer blocks). The priors are added first and count
+    towards the budget. `shared`: one selection per group of query heads that share a KV head (grouped-query
+    attention), ranked by the group's summed probabilities; the group's queries then read each key block once.
     """
     b, h, _, d = q.shape
     hk = kbar.shape[1]
@@ -150,6 +153,13 @@ def select_blocks(
         score = torch.einsum("bhid,bhjd->bhij", qbar, kb) * scale
         allowed = allowed_blocks(logn, lay, causal).expand(b, h, -1, -1)
         forced = forced_blocks(lay, causal, diagonal_blocks, first_blocks, q.device) & allowed
+        # rank by low-resolution attention probability (each row normalised), so that "global" compares rows
+        # fairly: the budget goes where the estimated attention mass is
+        score = torch.log_softmax((score + logn[:, None, None, :]).masked_fill(~allowed, float("-inf")), -1)
+        if shared and hk < h:
+            h = hk
+            score = score.view(b, hk, -1, lay.nbq, lay.nbk).logsumexp(2)
+            allowed, forced = allowed[:, :hk], forced[:, :hk]
         score = score.masked_fill(forced, float("inf")).masked_fill(~allowed, float("-inf"))
         if selection == "global":
             score = score.reshape(b, h, 1, -1)
@@ -184,6 +194,7 @@ def mra_naive(qp, kp, vp, kbar, vbar, logn, sel, kvalid, lay: Layout, *, causal:
     b, h, nq, d = qp.shape
     bs = lay.bs
     dt = _compute_dtype(qp)
+    sel = _per_query_head(sel, h)
     k, v = _per_query_head(kp, h).to(dt), _per_query_head(vp, h).to(dt)
     kb, vb = _per_query_head(kbar, h).to(dt), _per_query_head(vbar, h).to(dt)
     qp = qp.to(dt)
@@ -211,62 +222,142 @@ def mra_naive(qp, kp, vp, kbar, vbar, logn, sel, kvalid, lay: Layout, *, causal:
     return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def mra_blocked(qp, kp, vp, kbar, vbar, logn, sel, kvalid, lay: Layout, *, causal: bool, scale: float,
-                approx: str = "full", rows_per_step: int = 16):
-    """The same result computed block-sparsely: O(T * (selected blocks * bs + nbk)) time and memory.
+NEG = -1e30  # a masked key's bias: exp underflows to exactly 0, and a row with no key stays finite
 
-    Query blocks are processed `rows_per_step` at a time; each gathers its selected key blocks (a padded list,
-    slots past its count masked) and the block means of the virtual keys, and takes one softmax over both.
+
+def _flash(q, k, v, mask, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+
+
+def _flash_bwd(do, q, k, v, o, lse, mask, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do, q, k, v, o, lse, 0.0, False, attn_mask=mask, scale=scale)
+
+
+class _SplitKeyAttention(torch.autograd.Function):
+    """softmax attention of q over the union of key sets (k_i, v_i, additive bias mask_i), one flash call per set.
+
+    The parts are merged by their log-sum-exps; the backward runs the flash backward of every part with the
+    merged output and log-sum-exp, which is the exact gradient of the merged softmax (as in split-KV and ring
+    attention). Returns (o, lse); lse is not differentiable.
     """
+
+    @staticmethod
+    def forward(ctx, scale, q, *parts):
+        outs, lses = [], []
+        for k, v, mask in zip(parts[0::3], parts[1::3], parts[2::3]):
+            o_i, lse_i = _flash(q, k, v, mask, scale)
+            outs.append(o_i)
+            lses.append(lse_i)
+        lse = lses[0]
+        for x in lses[1:]:
+            lse = torch.logaddexp(lse, x)
+        o = sum(o_i * torch.exp(x - lse)[..., None] for o_i, x in zip(outs, lses))
+        ctx.scale = scale
+        ctx.save_for_backward(q, o, lse, *parts)
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, o, lse, *parts = ctx.saved_tensors
+        do = do.contiguous()
+        dq, grads = None, []
+        for k, v, mask in zip(parts[0::3], parts[1::3], parts[2::3]):
+            dq_i, dk, dv = _flash_bwd(do, q, k, v, o, lse, mask, ctx.scale)
+            dq = dq_i if dq is None else dq + dq_i
+            grads += [dk, dv, None]
+        return None, dq, *grads
+
+
+def mra_blocked(qp, kp, vp, kbar, vbar, logn, sel, kvalid, lay: Layout, *, causal: bool, scale: float,
+                approx: str = "full", step_elems: int = 1 << 21):
+    """The same result computed block-sparsely, O(T * (selected blocks * bs + nbk)), with PyTorch's flash kernels.
+
+    One work item per (batch, head, query block). Its bs queries attend (1) for causal models, the diagonal
+    block under a causal + padding bias [bs, bs], and (2) one packed key list: the other selected key blocks
+    (gathered; unused slots point at an all-masked dummy block) followed by the block means of the first allowed
+    blocks, under a bias shared by all bs queries: 0 for a real key, log n_J for a virtual key, NEG for padding,
+    unused slots, virtual twins of selected blocks and blocks a causal row may not see. The two parts are
+    merged by log-sum-exp (`_SplitKeyAttention`). Items are sorted by their number of selected blocks and packed
+    `step_elems` scores per call, so little is padded; scores are never materialised.
+    """
+    dv_out = vp.shape[-1]
+    if qp.shape[-1] != dv_out:  # the flash kernels want one head size: zero columns change no score or value
+        e = max(qp.shape[-1], dv_out)
+        qp, kp, kbar = (F.pad(x, (0, e - x.shape[-1])) for x in (qp, kp, kbar))
+        vp, vbar = (F.pad(x, (0, e - dv_out)) for x in (vp, vbar))
     b, h, nq, d = qp.shape
-    hk, dv, bs = kp.shape[1], vp.shape[-1], lay.bs
-    g = h // hk
+    hk, hs, dv, bs = kp.shape[1], sel.shape[1], vp.shape[-1], lay.bs
+    gq, nbq, nbk = h // hs, lay.nbq, lay.nbk  # gq query heads share each selection (1, or G when shared)
+    dev = qp.device
     dt = _compute_dtype(qp)
-    nbk = lay.nbk
-    kb = kp.to(dt).view(b, hk, nbk, bs, d)
-    vb = vp.to(dt).view(b, hk, nbk, bs, dv)
-    kvb = kvalid.view(b, nbk, bs)
-    kbar_h, vbar_h = _per_query_head(kbar, h).to(dt), _per_query_head(vbar, h).to(dt)
-    allowed = allowed_blocks(logn, lay, causal)
-    cnt = sel.sum(-1)  # [B, H, nbq]
-    idx = sel.to(torch.int8).argsort(dim=-1, descending=True, stable=True)  # selected block indices first
-    bi = torch.arange(b, device=qp.device).view(b, 1, 1, 1)
-    hi = (torch.arange(h, device=qp.device) // g).view(1, h, 1, 1)
-    qblocks = qp.to(dt).view(b, h, lay.nbq, bs, d)
-    out = []
-    for c0 in range(0, lay.nbq, rows_per_step):
-        c1 = min(c0 + rows_per_step, lay.nbq)
-        q_c = qblocks[:, :, c0:c1]  # [B, H, C, bs, D]
-        kmax = max(int(cnt[:, :, c0:c1].max()), 1)
-        ix = idx[:, :, c0:c1, :kmax]  # [B, H, C, kmax]
-        slot = torch.arange(kmax, device=qp.device) < cnt[:, :, c0:c1, None]
-        kg, vg = kb[bi, hi, ix], vb[bi, hi, ix]  # [B, H, C, kmax, bs, *]
-        s = torch.einsum("bhcid,bhckjd->bhcikj", q_c, kg) * scale  # [B, H, C, bs, kmax, bs]
-        ok = slot[:, :, :, None, :, None] & kvb[bi, ix][:, :, :, None]  # [B, H, C, 1, kmax, bs]
+    n_items = b * hs * nbq
+    item = torch.arange(n_items, device=dev)
+    item_b, item_s, item_i = item // (hs * nbq), (item // nbq) % hs, item % nbq
+    kv_row = item_b * hk + item_s // (hs // hk)  # (batch, kv head) row of the flattened key blocks
+    # selected blocks in ascending order; in a causal row the diagonal is the last one and is handled apart
+    off = sel.clone()
+    if causal:
+        diag_j = lay.i0 + torch.arange(nbq, device=dev)
+        off[:, :, torch.arange(nbq, device=dev), diag_j] = False
+    cnt = off.sum(-1).reshape(-1)
+    idx = off.to(torch.int8).argsort(dim=-1, descending=True, stable=True).reshape(n_items, nbk)
+    # flat tables: key blocks, then the block means in blocks of bs virtual keys, then one all-masked dummy block
+    full = approx == "full"
+    nvb = -(-nbk // bs) if full else 0
+    n_real = b * hk * nbk
+    tabs_k, tabs_v = [kp.to(dt).reshape(n_real, bs, d)], [vp.to(dt).reshape(n_real, bs, dv)]
+    if full:
+        pad = nvb * bs - nbk
+        tabs_k.append(F.pad(kbar.to(dt), (0, 0, 0, pad)).reshape(b * hk * nvb, bs, d))
+        tabs_v.append(F.pad(vbar.to(dt), (0, 0, 0, pad)).reshape(b * hk * nvb, bs, dv))
+    dummy = n_real + b * hk * nvb
+    ktab = torch.cat(tabs_k + [kp.new_zeros(1, bs, d, dtype=dt)])
+    vtab = torch.cat(tabs_v + [vp.new_zeros(1, bs, dv, dtype=dt)])
+    kbias = torch.where(kvalid, 0.0, NEG).to(dt).view(b, 1, nbk, bs).expand(b, hk, nbk, bs).reshape(n_real, bs)
+    kbias = torch.cat([kbias, kbias.new_full((dummy + 1 - n_real, bs), NEG)])  # rows of the table above
+    if full:
+        vbias = torch.where((allowed_blocks(logn, lay, causal) & ~sel).expand(b, hs, nbq, nbk),
+                            logn.to(dt)[:, None, None, :], NEG).reshape(n_items, nbk)
+    rows = gq * bs  # queries per item: the block's rows of every head sharing the selection
+    qitems = qp.to(dt).view(b, hs, gq, nbq, bs, d).transpose(2, 3).reshape(n_items, 1, rows, d)
+    if causal:
+        tri = torch.ones(bs, bs, dtype=torch.bool, device=dev).tril().repeat(gq, 1)
+        diag_rows = kv_row * nbk + lay.i0 + item_i  # the diagonal key block of each item
+    order = torch.argsort(cnt * (nbk + 1) + item_i)  # similar items together: little padding per call
+    cnt_sorted = cnt[order]
+    out = qp.new_empty(n_items, 1, rows, dv, dtype=dt)
+    lse_all = qp.new_empty(n_items, 1, rows, dtype=dt)
+    s0 = 0
+    while s0 < n_items:
+        look = int(cnt_sorted[min(n_items - 1, s0 + 63)])
+        n = max(1, min(n_items - s0, step_elems // (rows * ((look + 1) * bs + nbk))))
+        it = order[s0:s0 + n]
+        s0 += n
+        kmax = int(cnt[it].max())
+        gidx = torch.where(torch.arange(kmax, device=dev) < cnt[it, None], kv_row[it, None] * nbk + idx[it, :kmax], dummy)
+        bias = kbias[gidx].reshape(n, kmax * bs)
+        if full:
+            jend = min(lay.i0 + int(item_i[it].max()) + 1, nbk) if causal else nbk  # causal: later blocks unseen
+            nv = -(-jend // bs)
+            vidx = n_real + kv_row[it, None] * nvb + torch.arange(nv, device=dev)
+            gidx = torch.cat([gidx, vidx], 1)
+            bias = torch.cat([bias, F.pad(vbias[it, :jend], (0, nv * bs - jend), value=NEG)], 1)
+        parts = []
         if causal:
-            qpos = ((lay.i0 + c0 + torch.arange(c1 - c0, device=qp.device)) * bs).view(-1, 1, 1, 1) \
-                + torch.arange(bs, device=qp.device).view(1, bs, 1, 1)  # [C, bs, 1, 1]
-            kpos = ix[:, :, :, None, :, None] * bs + torch.arange(bs, device=qp.device)  # [B, H, C, 1, kmax, bs]
-            ok = ok & (kpos <= qpos)
-        s = s.masked_fill(~ok, float("-inf")).flatten(-2)  # [B, H, C, bs, kmax*bs]
-        m = s.amax(-1)
-        if approx == "full":
-            jend = min(lay.i0 + c1, nbk) if causal else nbk  # causal rows never see later blocks
-            virt = allowed[:, :, c0:c1, :jend] & ~sel[:, :, c0:c1, :jend]  # [B, H, C, jend]
-            sv = torch.einsum("bhcid,bhjd->bhcij", q_c, kbar_h[:, :, :jend]) * scale + logn[:, None, None, None, :jend].to(dt)
-            sv = sv.masked_fill(~virt[:, :, :, None, :], float("-inf"))
-            m = torch.maximum(m, sv.amax(-1))
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).unsqueeze(-1)
-        p = torch.exp(s - m)
-        num = torch.einsum("bhcik,bhckd->bhcid", p, vg.flatten(3, 4))
-        den = p.sum(-1)
-        if approx == "full":
-            pv = torch.exp(sv - m)
-            num = num + torch.einsum("bhcij,bhjd->bhcid", pv, vbar_h[:, :, :jend])
-            den = den + pv.sum(-1)
-        den = torch.where(den > 0, den, torch.ones_like(den))
-        out.append(num / den.unsqueeze(-1))
-    return torch.cat(out, dim=2).reshape(b, h, nq, dv)
+            dk_rows = diag_rows[it]
+            dbias = torch.where(tri, kbias[dk_rows][:, None, :], NEG)  # [n, rows, bs]: causal and padding
+            parts += [ktab[dk_rows][:, None], vtab[dk_rows][:, None], dbias[:, None]]
+        if gidx.shape[1]:
+            keys = ktab.index_select(0, gidx.reshape(-1)).view(n, 1, -1, d)
+            vals = vtab.index_select(0, gidx.reshape(-1)).view(n, 1, -1, dv)
+            parts += [keys, vals, bias.view(n, 1, 1, -1)]
+        o, lse = _SplitKeyAttention.apply(scale, qitems[it], *parts)
+        out[it], lse_all[it] = o, lse
+    # a row with no key at all (padding before any real key) is 0, as in the definition
+    out = torch.where(lse_all[..., None] > NEG / 2, out, 0.0)
+    return out.view(b, hs, nbq, gq, bs, dv).transpose(2, 3).reshape(b, h, nq, dv)[..., :dv_out]
 
 
 def prepare(q, k, v, key_valid, lay: Layout):

@@ -339,5 +339,7 @@ def mra_core_triton(qp, kp, vp, kbar, vbar, logn, sel, kvalid, lay, *, causal: b
     """Drop-in for `reference.mra_blocked` (same arguments, same result)."""
     if lay.bs < 16 or lay.bs & (lay.bs - 1):
         raise ValueError(f"the Triton MRA kernel needs a power-of-2 block size >= 16, got {lay.bs}")
+    if sel.shape[1] != qp.shape[1]:  # one selection per KV group: every query head of the group uses it
+        sel = sel.repeat_interleave(qp.shape[1] // sel.shape[1], dim=1)
     return MRAFunction.apply(qp, kp, vp, kbar, vbar, logn, kvalid, sel, lay.i0, lay.bs, causal, scale,
                              approx == "full")

@@ -1,0 +1,284 @@
+"""MRA attention vs SDPA: time and peak memory at long T, and accuracy against exact attention on real activations.
+
+    python benchmarks/mra.py speed   --device cpu  --lengths 1024,2048,4096,8192,16384 --out docs/bench/mra-cpu
+    python benchmarks/mra.py speed   --device cuda --lengths 1024,4096,8192,16384,32768 --check --out $OUT/mra-gpu
+    python benchmarks/mra.py quality --out docs/bench/mra-quality
+
+speed: SmolLM2-135M's attention shape (9 query heads, 3 KV heads, head dim 64, batch 1), causal, SDPA (with
+GQA) against `mra_attention` at several budgets (block 32, default priors: diagonal + first block; the PyTorch
+reference on CPU, the Triton kernels on CUDA). Medians of repeated runs in one process; peak memory is
+torch.cuda.max_memory_allocated on CUDA and the peak-RSS growth of a fresh subprocess per cell on CPU
+(--memory). quality: q/k/v captured from every layer of the real SmolLM2-135M (1,024 WikiText-2 tokens) and
+MiniLM-L6 (512-token WikiText-2 passages), relative RMS error of the MRA output against exact attention per
+budget and mode. Prints tables; writes <out>.json and <out>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from attnswap_kernels import rel_rms_error
+from attnswap_kernels.mra import exact_attention, mra_attention
+
+H, HK, D = 9, 3, 64
+BUDGETS = (0.5, 0.25, 0.125)
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_inputs(t, device, dtype, grad):
+    g = torch.Generator().manual_seed(t)
+    return [torch.randn(1, n, t, D, generator=g).to(device=device, dtype=dtype).requires_grad_(grad) for n in (H, HK, HK)]
+
+
+def method(name):
+    if name == "sdpa":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    budget = float(name.split("@")[1])
+    return lambda q, k, v: mra_attention(q, k, v, causal=True, block_size=32, budget=budget)
+
+
+def step_fn(name, mode, t, device, dtype):
+    fn = method(name)
+    x = make_inputs(t, device, dtype, grad=mode != "fwd")
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                return fn(*x)
+        out = fn(*x)
+        out.float().sum().backward()
+        return out
+
+    return step
+
+
+def timed(step, device, reps):
+    step()  # warm-up (compilation, autotuning)
+    _sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else None
+    return statistics.median(times) * 1e3, peak
+
+
+def cpu_peak_mib(name, mode, t):
+    """Peak-RSS growth of one call in a fresh process (inputs allocated before the baseline)."""
+    code = (f"import resource, torch, benchmarks.mra as b; torch.set_num_threads({torch.get_num_threads()});"
+            f"s = b.step_fn({name!r}, {mode!r}, {t}, 'cpu', torch.float32);"
+            "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; s();"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+
+
+def speed(a):
+    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
+    names = ["sdpa"] + [f"mra@{b}" for b in BUDGETS]
+    results = []
+    for t in a.lengths:
+        for mode in ("fwd", "fwd+bwd"):
+            if mode == "fwd+bwd" and t > a.bwd_max:
+                continue
+            for name in names:
+                try:
+                    ms, peak = timed(step_fn(name, mode, t, a.device, dtype), a.device, a.reps if t <= 4096 else max(2, a.reps // 2))
+                except (RuntimeError, torch.OutOfMemoryError) as e:
+                    print(f"{name} T={t} {mode}: {str(e).splitlines()[0]}", file=sys.stderr)
+                    continue
+                if a.device == "cpu" and a.memory:
+                    peak = cpu_peak_mib(name, mode, t)
+                results.append({"T": t, "method": name, "mode": mode, "ms": ms, "peak_mib": peak})
+                print(f"T={t:6d} {name:>10} {mode:>8}: {ms:10.2f} ms" + ("" if peak is None else f"  peak {peak:9.1f} MiB"),
+                      flush=True)
+    return results
+
+
+def check(device):
+    """Triton against the PyTorch reference at odd lengths, fp32 and bf16, forward and gradients."""
+    rows = []
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for t in (1000, 4097):
+            for causal in (True, False):
+                x = make_inputs(t, device, dtype, grad=True)
+                ref_in = [y.detach().float().requires_grad_() for y in x]
+                do = torch.randn(1, H, t, D, device=device, dtype=dtype)
+                kw = dict(causal=causal, block_size=32, budget=0.25)
+                ref = mra_attention(*ref_in, impl="blocked", **kw)
+                ref.backward(do.float())
+                out = mra_attention(*x, impl="triton", **kw)
+                out.backward(do)
+                errs = {"o": rel_rms_error(ref, out)}
+                errs.update({n: rel_rms_error(r.grad, y.grad) for n, r, y in zip(("dq", "dk", "dv"), ref_in, x)})
+                ok = all(e <= tol for e in errs.values())
+                rows.append({"dtype": str(dtype).split(".")[1], "T": t, "causal": causal, "ok": ok, **errs})
+                print(f"check {rows[-1]['dtype']:>8} T={t:5d} causal={causal!s:5} "
+                      + "  ".join(f"{k} {v:.2e}" for k, v in errs.items()) + ("  ok" if ok else "  FAIL"))
+    return rows
+
+
+def capture(model, ids, attention_mask=None):
+    """q, k, v, scaling of every attention call of one forward (the model converted to a full-budget MRA)."""
+    import attnswap
+    from attnswap.variants.mra import MRA
+
+    attnswap.convert(model, "mra", block_budget=1.0)
+    seen = []
+    orig = MRA.forward
+
+    def grab(self, module, query, key, value, attention_mask, scaling=None, **kw):
+        seen.append((query.detach(), key.detach(), value.detach(), scaling))
+        return orig(self, module, query, key, value, attention_mask, scaling=scaling, **kw)
+
+    MRA.forward = grab
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=attention_mask)
+    finally:
+        MRA.forward = orig
+        attnswap.revert(model)
+    return seen
+
+
+def quality(a):
+    import attnswap
+    from attnswap.models import load_tokenizer
+
+    text = DATA.read_text(encoding="utf-8")
+    rows = []
+    for alias, causal, length, batch in (("smollm2-135m", True, 1024, 1), ("minilm-l6", False, 512, 4)):
+        tok = load_tokenizer(alias)
+        model = attnswap.load_model(alias)
+        ids = torch.tensor(tok(text[:400_000])["input_ids"][: length * batch]).view(batch, length)
+        layers = capture(model, ids)
+        for mode in ("full", "sparse"):
+            for selection in ("row", "global"):
+                for budget in (1.0, 0.5, 0.25, 0.125):
+                    errs = []
+                    for q, k, v, scale in layers:
+                        ex = exact_attention(q, k, v, causal=causal, scale=scale)
+                        got = mra_attention(q, k, v, causal=causal, block_size=32, budget=budget, approx=mode,
+                                            selection=selection, scale=scale)
+                        errs.append(rel_rms_error(ex, got))
+                    r = {"model": alias, "approx": mode, "selection": selection, "budget": budget,
+                         "mean_rel_err": statistics.mean(errs), "max_rel_err": max(errs), "per_layer": errs}
+                    rows.append(r)
+                    print(f"{alias:>13} {mode:>6} {selection:>6} budget {budget:5}: mean rel err "
+                          f"{r['mean_rel_err']:.4f}  max {r['max_rel_err']:.4f}  ({len(errs)} layers)", flush=True)
+    return rows
+
+
+def speed_table(results):
+    lines = ["| T | mode | method | ms | SDPA / this | peak MiB |", "|---:|---|---|---:|---:|---:|"]
+    sdpa = {(r["T"], r["mode"]): r["ms"] for r in results if r["method"] == "sdpa"}
+    for r in results:
+        ratio = sdpa.get((r["T"], r["mode"]), float("nan")) / r["ms"]
+        peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        lines.append(f"| {r['T']} | {r['mode']} | {r['method']} | {r['ms']:.1f} | {ratio:.2f} | {peak} |")
+    return "\n".join(lines)
+
+
+def quality_table(rows):
+    lines = ["| model | approx | selection | budget | mean rel. error | max (layer) |", "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['approx']} | {r['selection']} | {r['budget']} | {r['mean_rel_err']:.4f} | "
+                     f"{r['max_rel_err']:.4f} |")
+    return "\n".join(lines)
+
+
+def plot_speed(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(dict.fromkeys(r["mode"] for r in results))
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for name in dict.fromkeys(r["method"] for r in results):
+            pts = [(r["T"], r["ms"]) for r in results if r["method"] == name and r["mode"] == mode]
+            if pts:
+                ax.loglog(*zip(*pts), marker="o", label=name, base=2)
+        ax.set_title(mode)
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel("ms (median)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_quality(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for mode in ("full", "sparse"):
+            for selection in ("row", "global"):
+                pts = [(r["budget"], r["mean_rel_err"]) for r in rows
+                       if r["model"] == model and r["approx"] == mode and r["selection"] == selection]
+                ax.plot(*zip(*pts), marker="o", label=f"{mode}, {selection}")
+        ax.set_title(f"{model}: MRA vs exact attention")
+        ax.set_xlabel("block budget")
+        ax.set_ylabel("relative RMS error (mean over layers)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["speed", "quality"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--lengths", default="1024,4096,16384", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--bwd-max", type=int, default=4096, help="longest T timed with backward")
+    p.add_argument("--memory", action="store_true", help="CPU: peak RSS per cell in a subprocess")
+    p.add_argument("--check", action="store_true", help="check Triton against the reference first (CUDA)")
+    p.add_argument("--out", default=None, help="write <out>.json and <out>.png")
+    a = p.parse_args()
+    info = {"device": torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {torch.get_num_threads()} threads",
+            "torch": torch.__version__}
+    print(info)
+    checks = check(a.device) if a.check else []
+    if a.what == "speed":
+        rows = speed(a)
+        print(speed_table(rows))
+    else:
+        rows = quality(a)
+        print(quality_table(rows))
+    if a.out:
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"info": info, "checks": checks, a.what: rows}, indent=2))
+        (plot_speed if a.what == "speed" else plot_quality)(rows, out.with_suffix(".png"))
+    if checks and not all(c["ok"] for c in checks):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

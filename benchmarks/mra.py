@@ -3,22 +3,24 @@
     python benchmarks/mra.py speed   --device cpu  --lengths 1024,2048,4096,8192,16384 --out docs/bench/mra-cpu
     python benchmarks/mra.py speed   --device cuda --lengths 1024,4096,8192,16384,32768 --check --out $OUT/mra-gpu
     python benchmarks/mra.py quality --out docs/bench/mra-quality
+    python benchmarks/mra.py embeddings --out docs/bench/mra-minilm
 
 speed: SmolLM2-135M's attention shape (9 query heads, 3 KV heads, head dim 64, batch 1), causal, SDPA (with
 GQA) against `mra_attention` at several budgets (block 32, default priors: diagonal + first block; the PyTorch
 reference on CPU, the Triton kernels on CUDA). Medians of repeated runs in one process; peak memory is
-torch.cuda.max_memory_allocated on CUDA and the peak-RSS growth of a fresh subprocess per cell on CPU
-(--memory). quality: q/k/v captured from every layer of the real SmolLM2-135M (1,024 WikiText-2 tokens) and
+torch.cuda.max_memory_allocated on CUDA and, on CPU (--memory), the peak resident-set growth during one call
+(after a warm-up; inputs excluded) in a fresh process whose malloc returns every block >= 64 KiB to the OS on
+free, sampled every 0.1 ms. quality: q/k/v captured from every layer of the real SmolLM2-135M (1,024 WikiText-2 tokens) and
 MiniLM-L6 (512-token WikiText-2 passages), relative RMS error of the MRA output against exact attention per
-budget and mode. Prints tables; writes <out>.json and <out>.png.
+budget and mode. embeddings: MiniLM-L6 sentence embeddings (mean pooling) of 1,000 WikiText-2 sentences and of
+256-token passages, cosine similarity to the original's per block size and budget. Prints tables; writes
+<out>.json and <out>.png.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -82,13 +84,45 @@ def timed(step, device, reps):
     return statistics.median(times) * 1e3, peak
 
 
+def rss_peak_during(fn, interval=1e-4):
+    """Peak resident-set growth (MiB) while fn() runs, sampled from /proc/self/statm by a thread."""
+    import os
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    base, peak, done = rss(), [0], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(interval)
+
+    th = threading.Thread(target=poll)
+    th.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        th.join()
+    return (max(peak[0], rss()) - base) / 2**20
+
+
 def cpu_peak_mib(name, mode, t):
-    """Peak-RSS growth of one call in a fresh process (inputs allocated before the baseline)."""
-    code = (f"import resource, torch, benchmarks.mra as b; torch.set_num_threads({torch.get_num_threads()});"
-            f"s = b.step_fn({name!r}, {mode!r}, {t}, 'cpu', torch.float32);"
-            "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; s();"
-            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    """Peak resident-set growth during one call, in a fresh process whose malloc maps every block >= 64 KiB
+    on its own (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the resident set at once."""
+    import os
+    import subprocess
+
+    code = (f"import torch, benchmarks.mra as b; torch.set_num_threads({torch.get_num_threads()});"
+            f"s = b.step_fn({name!r}, {mode!r}, {t}, 'cpu', torch.float32); s();"
+            "print(b.rss_peak_during(s))")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[1])
     return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
 
@@ -102,8 +136,9 @@ def speed(a):
             if mode == "fwd+bwd" and t > a.bwd_max:
                 continue
             for name in names:
+                step = step_fn(name, mode, t, a.device, dtype)
                 try:
-                    ms, peak = timed(step_fn(name, mode, t, a.device, dtype), a.device, a.reps if t <= 4096 else max(2, a.reps // 2))
+                    ms, peak = timed(step, a.device, a.reps if t <= 4096 else max(2, a.reps // 2))
                 except (RuntimeError, torch.OutOfMemoryError) as e:
                     print(f"{name} T={t} {mode}: {str(e).splitlines()[0]}", file=sys.stderr)
                     continue
@@ -189,6 +224,77 @@ def quality(a):
     return rows
 
 
+def wiki_sentences(n: int, min_words: int = 6) -> list[str]:
+    """The first n sentences of WikiText-2 test prose (headings skipped, split after . ! ?)."""
+    import re
+
+    out = []
+    for line in DATA.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("="):
+            continue
+        for sent in re.split(r"(?<=[.!?])\s+(?=[A-Z])", line):
+            if len(sent.split()) >= min_words:
+                out.append(sent)
+                if len(out) == n:
+                    return out
+    return out
+
+
+def mean_pooled(model, tok, texts, batch=64, max_length=256):
+    """Sentence embeddings as all-MiniLM-L6-v2 is used: mean of the token states over the attention mask."""
+    embs, lengths = [], []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch):
+            enc = tok(texts[i:i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            h = model(**enc).last_hidden_state
+            m = enc["attention_mask"][..., None].to(h.dtype)
+            embs.append((h * m).sum(1) / m.sum(1))
+            lengths += enc["attention_mask"].sum(1).tolist()
+    return torch.cat(embs), lengths
+
+
+def embeddings(a):
+    """MiniLM-L6 converted to MRA: cosine similarity of mean-pooled sentence embeddings to the original's."""
+    import attnswap
+    from attnswap.models import load_tokenizer
+
+    tok = load_tokenizer("minilm-l6")
+    model = attnswap.load_model("minilm-l6")
+    rows = []
+    for kind, texts in (("sentences", wiki_sentences(a.sentences)), ("passages", wiki_passages(a.passages, tok))):
+        ref, lengths = mean_pooled(model, tok, texts)
+        print(f"{kind}: {len(texts)} texts, tokens per text median {statistics.median(lengths):.0f}, "
+              f"max {max(lengths)}", flush=True)
+        for bs in (32, 16, 8):
+            for budget in (1.0, 0.5, 0.25, 0.125):
+                attnswap.convert(model, "mra", block_size=bs, block_budget=budget)
+                got, _ = mean_pooled(model, tok, texts)
+                attnswap.revert(model)
+                cos = F.cosine_similarity(got, ref, dim=-1)
+                r = {"texts": kind, "n": len(texts), "median_tokens": statistics.median(lengths), "block_size": bs,
+                     "budget": budget, "mean_cos": float(cos.mean()), "min_cos": float(cos.min())}
+                rows.append(r)
+                print(f"{kind:>9} block {bs:2d} budget {budget:5}: mean cosine {r['mean_cos']:.5f}  min {r['min_cos']:.5f}",
+                      flush=True)
+    return rows
+
+
+def wiki_passages(n: int, tok, length: int = 256) -> list[str]:
+    """n consecutive WikiText-2 test passages of `length` MiniLM tokens (long inputs: many blocks)."""
+    ids = tok(DATA.read_text(encoding="utf-8")[:2_000_000], add_special_tokens=False)["input_ids"]
+    step = length - 2  # [CLS] and [SEP] are added back
+    return [tok.decode(ids[i * step:(i + 1) * step]) for i in range(n)]
+
+
+def embeddings_table(rows):
+    lines = ["| texts | median tokens | block | budget | mean cosine | min cosine |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['texts']} ({r['n']}) | {r['median_tokens']:.0f} | {r['block_size']} | {r['budget']} | "
+                     f"{r['mean_cos']:.5f} | {r['min_cos']:.5f} |")
+    return "\n".join(lines)
+
+
 def speed_table(results):
     lines = ["| T | mode | method | ms | SDPA / this | peak MiB |", "|---:|---|---|---:|---:|---:|"]
     sdpa = {(r["T"], r["mode"]): r["ms"] for r in results if r["method"] == "sdpa"}
@@ -250,14 +356,36 @@ def plot_quality(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def plot_embeddings(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(r["texts"] for r in rows))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for bs in dict.fromkeys(r["block_size"] for r in rows):
+            pts = [(r["budget"], r["mean_cos"]) for r in rows if r["texts"] == kind and r["block_size"] == bs]
+            ax.plot(*zip(*pts), marker="o", label=f"block {bs}")
+        ax.set_title(f"MiniLM-L6 + MRA, {kind}")
+        ax.set_xlabel("block budget")
+        ax.set_ylabel("mean cosine similarity to the original")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["speed", "quality"])
+    p.add_argument("what", choices=["speed", "quality", "embeddings"])
+    p.add_argument("--sentences", type=int, default=1000)
+    p.add_argument("--passages", type=int, default=200)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--lengths", default="1024,4096,16384", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--bwd-max", type=int, default=4096, help="longest T timed with backward")
-    p.add_argument("--memory", action="store_true", help="CPU: peak RSS per cell in a subprocess")
+    p.add_argument("--memory", action="store_true", help="CPU: peak resident-set growth per cell (subprocess)")
     p.add_argument("--check", action="store_true", help="check Triton against the reference first (CUDA)")
     p.add_argument("--out", default=None, help="write <out>.json and <out>.png")
     a = p.parse_args()
@@ -265,17 +393,14 @@ def main():
             "torch": torch.__version__}
     print(info)
     checks = check(a.device) if a.check else []
-    if a.what == "speed":
-        rows = speed(a)
-        print(speed_table(rows))
-    else:
-        rows = quality(a)
-        print(quality_table(rows))
+    rows = {"speed": speed, "quality": quality, "embeddings": embeddings}[a.what](a)
+    print({"speed": speed_table, "quality": quality_table, "embeddings": embeddings_table}[a.what](rows))
     if a.out:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps({"info": info, "checks": checks, a.what: rows}, indent=2))
-        (plot_speed if a.what == "speed" else plot_quality)(rows, out.with_suffix(".png"))
+        plot = {"speed": plot_speed, "quality": plot_quality, "embeddings": plot_embeddings}[a.what]
+        plot(rows, out.with_suffix(".png"))
     if checks and not all(c["ok"] for c in checks):
         sys.exit(1)
 

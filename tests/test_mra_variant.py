@@ -116,3 +116,30 @@ def test_smollm2_budgets_against_the_original(smollm2_dir):
     attnswap.convert(model, "mra", block_budget=0.5)
     half = perplexity(model, tok, text, seq_len=1024, max_tokens=4096, progress=False)["perplexity"]
     assert half <= 1.10 * base, (half, base)
+
+
+def test_bad_options_are_one_line_errors(tiny_dirs, tmp_path, capsys):
+    for bad, hint in (("block_budget=1.5", "whole number"), ("approx_mode=dense", "approx_mode"), ("block_size=0", "block_size")):
+        code = main(["convert", str(tiny_dirs["gpt2"]), "--to", "mra", "--set", bad, "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code != 0 and len(err) == 1 and err[0].startswith("error:") and hint in err[0], err
+        assert not (tmp_path / "x").exists()
+
+
+def test_minilm_sentence_embeddings_stay_close():
+    """all-MiniLM-L6-v2 as it is used (mean pooling over a padded batch), 200 WikiText sentences, block 32."""
+    from attnswap.models import load_tokenizer
+    from benchmarks.mra import mean_pooled, wiki_sentences
+
+    tok = load_tokenizer("minilm-l6")
+    model = attnswap.load_model("minilm-l6")
+    texts = wiki_sentences(200)
+    ref, _ = mean_pooled(model, tok, texts)
+    attnswap.convert(model, "mra", block_budget=0.5)
+    got, _ = mean_pooled(model, tok, texts)
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
+    assert cos.mean() >= 0.98, float(cos.mean())
+    attnswap.revert(model)
+    attnswap.convert(model, "mra", block_size=8, block_budget=0.25)  # many blocks per sentence: a real approximation
+    cos8 = torch.nn.functional.cosine_similarity(mean_pooled(model, tok, texts)[0], ref, dim=-1)
+    assert 0.9 <= cos8.mean() < 0.999, float(cos8.mean())

@@ -226,12 +226,23 @@ NEG = -1e30  # a masked key's bias: exp underflows to exactly 0, and a row with 
 
 
 def _flash(q, k, v, mask, scale):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    """(o, lse) of softmax(q k^T * scale + mask) v: PyTorch's fused CPU kernel, or plain math elsewhere."""
+    if q.is_cpu:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                          scale=scale)
+    s = q @ k.transpose(-1, -2) * scale + mask
+    lse = torch.logsumexp(s, -1)
+    return torch.exp(s - lse[..., None]) @ v, lse
 
 
 def _flash_bwd(do, q, k, v, o, lse, mask, scale):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        do, q, k, v, o, lse, 0.0, False, attn_mask=mask, scale=scale)
+    """Gradients of one key part given the merged output o and log-sum-exp (split-KV backward)."""
+    if q.is_cpu:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, o, lse, 0.0, False, attn_mask=mask, scale=scale)
+    p = torch.exp(q @ k.transpose(-1, -2) * scale + mask - lse[..., None])
+    ds = p * (do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
+    return ds @ k * scale, ds.transpose(-1, -2) @ q * scale, p.transpose(-1, -2) @ do
 
 
 class _SplitKeyAttention(torch.autograd.Function):
@@ -331,8 +342,9 @@ def mra_blocked(qp, kp, vp, kbar, vbar, logn, sel, kvalid, lay: Layout, *, causa
     lse_all = qp.new_empty(n_items, 1, rows, dtype=dt)
     s0 = 0
     while s0 < n_items:
-        look = int(cnt_sorted[min(n_items - 1, s0 + 63)])
-        n = max(1, min(n_items - s0, step_elems // (rows * ((look + 1) * bs + nbk))))
+        # the largest n whose padded cost, n items x the last (largest) item's key count, fits in step_elems
+        cost = torch.arange(1, n_items - s0 + 1, device=dev) * rows * ((cnt_sorted[s0:] + 1) * bs + nbk)
+        n = max(1, int((cost <= step_elems).sum()))
         it = order[s0:s0 + n]
         s0 += n
         kmax = int(cnt[it].max())

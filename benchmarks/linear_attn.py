@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,29 +20,10 @@ from torch.nn import functional as F
 from attnswap_kernels import rel_rms_error
 from attnswap_kernels.linear_attn import causal_linear_attn, causal_linear_attn_chunked
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import line_panels, timed  # noqa: E402
+
 H, HK, D, FEAT = 9, 3, 64, 128
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, reps):
-    """Median seconds and peak bytes allocated above the start (CUDA) of fn()."""
-    fn()  # warm-up (compilation, autotuning)
-    _sync(device)
-    times = []
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else None
-    return statistics.median(times), peak
 
 
 def make_inputs(t, device, dtype, grad):
@@ -124,14 +103,13 @@ def run(device, lengths, reps):
                     return out
 
                 try:
-                    sec, peak = timed(step, device, reps if t <= 4096 else max(2, reps // 2))
+                    ms, peak = timed(step, device, reps if t <= 4096 else max(2, reps // 2))
                 except (RuntimeError, torch.OutOfMemoryError) as e:
                     print(f"{name} T={t} {mode}: {str(e).splitlines()[0]}", file=sys.stderr)
                     continue
-                results.append({"T": t, "method": name, "mode": mode, "ms": sec * 1e3,
-                                "peak_mib": None if peak is None else peak / 2**20})
-                print(f"T={t:6d} {name:>13} {mode:>8}: {sec * 1e3:10.2f} ms"
-                      + ("" if peak is None else f"  peak {peak / 2**20:9.1f} MiB"), flush=True)
+                results.append({"T": t, "method": name, "mode": mode, "ms": ms, "peak_mib": peak})
+                print(f"T={t:6d} {name:>13} {mode:>8}: {ms:10.2f} ms"
+                      + ("" if peak is None else f"  peak {peak:9.1f} MiB"), flush=True)
     return results
 
 
@@ -146,23 +124,10 @@ def table(results):
 
 
 def plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
-        for name in dict.fromkeys(r["method"] for r in results):
-            pts = [(r["T"], r["ms"]) for r in results if r["method"] == name and r["mode"] == mode]
-            if pts:
-                ax.loglog(*zip(*pts), marker="o", label=name, base=2)
-        ax.set_title(mode)
-        ax.set_xlabel("sequence length T")
-        ax.set_ylabel("ms (median)")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    names = dict.fromkeys(r["method"] for r in results)
+    panels = {m: {n: [(r["T"], r["ms"]) for r in results if r["method"] == n and r["mode"] == m] for n in names}
+              for m in ("fwd", "fwd+bwd")}
+    line_panels(panels, path, "sequence length T", "ms (median)", log2=True)
 
 
 def main():

@@ -31,14 +31,12 @@ from torch.nn import functional as F
 from attnswap_kernels import rel_rms_error
 from attnswap_kernels.mra import exact_attention, mra_attention
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import line_panels, timed  # noqa: E402
+
 H, HK, D = 9, 3, 64
 BUDGETS = (0.5, 0.25, 0.125)
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_inputs(t, device, dtype, grad):
@@ -66,22 +64,6 @@ def step_fn(name, mode, t, device, dtype):
         return out
 
     return step
-
-
-def timed(step, device, reps):
-    step()  # warm-up (compilation, autotuning)
-    _sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else None
-    return statistics.median(times) * 1e3, peak
 
 
 def rss_peak_during(fn, interval=1e-4):
@@ -314,66 +296,28 @@ def quality_table(rows):
 
 
 def plot_speed(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    modes = list(dict.fromkeys(r["mode"] for r in results))
-    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        for name in dict.fromkeys(r["method"] for r in results):
-            pts = [(r["T"], r["ms"]) for r in results if r["method"] == name and r["mode"] == mode]
-            if pts:
-                ax.loglog(*zip(*pts), marker="o", label=name, base=2)
-        ax.set_title(mode)
-        ax.set_xlabel("sequence length T")
-        ax.set_ylabel("ms (median)")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    modes = dict.fromkeys(r["mode"] for r in results)
+    names = dict.fromkeys(r["method"] for r in results)
+    panels = {m: {n: [(r["T"], r["ms"]) for r in results if r["method"] == n and r["mode"] == m] for n in names}
+              for m in modes}
+    line_panels(panels, path, "sequence length T", "ms (median)", log2=True)
 
 
 def plot_quality(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        for mode in ("full", "sparse"):
-            for selection in ("row", "global"):
-                pts = [(r["budget"], r["mean_rel_err"]) for r in rows
-                       if r["model"] == model and r["approx"] == mode and r["selection"] == selection]
-                ax.plot(*zip(*pts), marker="o", label=f"{mode}, {selection}")
-        ax.set_title(f"{model}: MRA vs exact attention")
-        ax.set_xlabel("block budget")
-        ax.set_ylabel("relative RMS error (mean over layers)")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    panels = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        panels[f"{model}: MRA vs exact attention"] = {
+            f"{mode}, {sel}": [(r["budget"], r["mean_rel_err"]) for r in rows
+                               if r["model"] == model and r["approx"] == mode and r["selection"] == sel]
+            for mode in ("full", "sparse") for sel in ("row", "global")}
+    line_panels(panels, path, "block budget", "relative RMS error (mean over layers)")
 
 
 def plot_embeddings(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = list(dict.fromkeys(r["texts"] for r in rows))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        for bs in dict.fromkeys(r["block_size"] for r in rows):
-            pts = [(r["budget"], r["mean_cos"]) for r in rows if r["texts"] == kind and r["block_size"] == bs]
-            ax.plot(*zip(*pts), marker="o", label=f"block {bs}")
-        ax.set_title(f"MiniLM-L6 + MRA, {kind}")
-        ax.set_xlabel("block budget")
-        ax.set_ylabel("mean cosine similarity to the original")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    panels = {f"MiniLM-L6 + MRA, {kind}": {
+        f"block {bs}": [(r["budget"], r["mean_cos"]) for r in rows if r["texts"] == kind and r["block_size"] == bs]
+        for bs in dict.fromkeys(r["block_size"] for r in rows)} for kind in dict.fromkeys(r["texts"] for r in rows)}
+    line_panels(panels, path, "block budget", "mean cosine similarity to the original")
 
 
 def main():

@@ -138,7 +138,8 @@ def select_blocks(
     marks padding, which is in no mean). `budget` <= 1 is the fraction of allowed pairs (rounded up) and > 1 a
     count of blocks per query-block row; "row" selection spends it in every query-block row, "global" over each
     head's whole grid (rows whose mass is concentrated take fewer blocks). The priors are added first and count
-    towards the budget. `shared`: one selection per group of query heads that share a KV head (grouped-query
+    towards the budget. Query blocks of padding only select nothing (their rows see block means only; callers
+    ignore them). `shared`: one selection per group of query heads that share a KV head (grouped-query
     attention), ranked by the group's summed probabilities; the group's queries then read each key block once.
     """
     b, h, _, d = q.shape
@@ -151,7 +152,8 @@ def select_blocks(
         qbar = (qp.view(b, h, lay.nbq, lay.bs, d) * rows).sum(-2) / rows.sum(-2).clamp(min=1)  # [B, H, nbq, D]
         kb = kbar.detach().to(qbar.dtype).repeat_interleave(h // hk, dim=1)
         score = torch.einsum("bhid,bhjd->bhij", qbar, kb) * scale
-        allowed = allowed_blocks(logn, lay, causal).expand(b, h, -1, -1)
+        # a query block of padding only selects nothing: it must not take budget from real rows
+        allowed = (allowed_blocks(logn, lay, causal) & (rows.sum(-2) > 0)).expand(b, h, -1, -1)
         forced = forced_blocks(lay, causal, diagonal_blocks, first_blocks, q.device) & allowed
         # rank by low-resolution attention probability (each row normalised), so that "global" compares rows
         # fairly: the budget goes where the estimated attention mass is
@@ -311,6 +313,7 @@ def mra_blocked(qp, kp, vp, kbar, vbar, logn, sel, kvalid, lay: Layout, *, causa
     off = sel.clone()
     if causal:
         diag_j = lay.i0 + torch.arange(nbq, device=dev)
+        diag_sel = sel[:, :, torch.arange(nbq, device=dev), diag_j].reshape(-1)  # False only for padding rows
         off[:, :, torch.arange(nbq, device=dev), diag_j] = False
     cnt = off.sum(-1).reshape(-1)
     idx = off.to(torch.int8).argsort(dim=-1, descending=True, stable=True).reshape(n_items, nbk)
@@ -359,7 +362,7 @@ def mra_blocked(qp, kp, vp, kbar, vbar, logn, sel, kvalid, lay: Layout, *, causa
         parts = []
         if causal:
             dk_rows = diag_rows[it]
-            dbias = torch.where(tri, kbias[dk_rows][:, None, :], NEG)  # [n, rows, bs]: causal and padding
+            dbias = torch.where(tri & diag_sel[it, None, None], kbias[dk_rows][:, None, :], NEG)  # causal, padding
             parts += [ktab[dk_rows][:, None], vtab[dk_rows][:, None], dbias[:, None]]
         if gidx.shape[1]:
             keys = ktab.index_select(0, gidx.reshape(-1)).view(n, 1, -1, d)

@@ -33,6 +33,36 @@ def _tile(ptr, rows, cols, n_rows, n_cols, stride):
 
 
 @triton.jit
+def _exact_block(q, k0, v0, kvalid_ptr, i_b, j_blk, qpos, o_s, o_d, o_dv, NK, scale2,
+                 D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Key block j_blk: its keys, values, base-2 logits [BS, BS] and the mask (padding, causal edge)."""
+    kpos = j_blk * BS + o_s
+    kt = _tile(k0, kpos, o_d, NK, D, D)
+    vt = _tile(v0, kpos, o_dv, NK, DV, DV)
+    s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale2
+    ok = tl.load(kvalid_ptr + i_b.to(tl.int64) * NK + kpos) != 0
+    ok = ok[None, :] & (qpos[:, None] >= 0)  # broadcast to [BS, BS]
+    if CAUSAL:
+        ok = ok & (kpos[None, :] <= qpos[:, None])
+    return kt, vt, s, ok
+
+
+@triton.jit
+def _virtual_chunk(q, kb0, vb0, logn_ptr, selm_ptr, i_b, row, j0, n_j, o_d, o_dv, NBK, scale2,
+                   D: tl.constexpr, DV: tl.constexpr, BJ: tl.constexpr, PRECISION: tl.constexpr):
+    """Block means j0 .. j0 + BJ of one query-block row: keys, values, base-2 logits (+ log2 n) and the mask
+    (allowed, not selected, not empty)."""
+    jj = j0 + tl.arange(0, BJ)
+    kb = _tile(kb0, jj, o_d, n_j, D, D)
+    vb = _tile(vb0, jj, o_dv, n_j, DV, DV)
+    ln = tl.load(logn_ptr + i_b.to(tl.int64) * NBK + jj, mask=jj < n_j, other=float("-inf"))
+    chosen = tl.load(selm_ptr + row * NBK + jj, mask=jj < n_j, other=1)
+    s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * scale2 + ln[None, :]
+    ok = (chosen == 0) & (ln > float("-inf"))
+    return kb, vb, s, ok
+
+
+@triton.jit
 def mra_fwd_kernel(
     q_ptr, k_ptr, v_ptr, kbar_ptr, vbar_ptr, logn_ptr, kvalid_ptr, idx_ptr, cnt_ptr, selm_ptr, o_ptr, lse_ptr,
     H, G, NQ, NK, NBQ, NBK, I0, KMAX, scale2,
@@ -60,14 +90,8 @@ def mra_fwd_kernel(
     n_sel = tl.load(cnt_ptr + row)
     for t in range(0, n_sel):
         j_blk = tl.load(idx_ptr + row * KMAX + t)
-        kpos = j_blk * BS + o_s
-        kt = _tile(k0, kpos, o_d, NK, D, D)
-        vt = _tile(v0, kpos, o_dv, NK, DV, DV)
-        s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale2
-        ok = tl.load(kvalid_ptr + i_b.to(tl.int64) * NK + kpos) != 0
-        ok = ok[None, :] & (qpos[:, None] >= 0)
-        if CAUSAL:
-            ok = ok & (kpos[None, :] <= qpos[:, None])
+        kt, vt, s, ok = _exact_block(q, k0, v0, kvalid_ptr, i_b, j_blk, qpos, o_s, o_d, o_dv, NK, scale2,
+                                     D, DV, BS, CAUSAL, PRECISION)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -83,13 +107,8 @@ def mra_fwd_kernel(
         kb0 = kbar_ptr + i_bhk.to(tl.int64) * NBK * D
         vb0 = vbar_ptr + i_bhk.to(tl.int64) * NBK * DV
         for j0 in range(0, n_j, BJ):
-            jj = j0 + tl.arange(0, BJ)
-            kb = _tile(kb0, jj, o_d, n_j, D, D)
-            vb = _tile(vb0, jj, o_dv, n_j, DV, DV)
-            ln = tl.load(logn_ptr + i_b.to(tl.int64) * NBK + jj, mask=jj < n_j, other=float("-inf"))
-            chosen = tl.load(selm_ptr + row * NBK + jj, mask=jj < n_j, other=1)
-            s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * scale2 + ln[None, :]
-            ok = (chosen == 0) & (ln > float("-inf"))
+            kb, vb, s, ok = _virtual_chunk(q, kb0, vb0, logn_ptr, selm_ptr, i_b, row, j0, n_j, o_d, o_dv, NBK,
+                                           scale2, D, DV, BJ, PRECISION)
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -135,14 +154,8 @@ def mra_bwd_dq_kernel(
     n_sel = tl.load(cnt_ptr + row)
     for t in range(0, n_sel):
         j_blk = tl.load(idx_ptr + row * KMAX + t)
-        kpos = j_blk * BS + o_s
-        kt = _tile(k0, kpos, o_d, NK, D, D)
-        vt = _tile(v0, kpos, o_dv, NK, DV, DV)
-        s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale2
-        ok = tl.load(kvalid_ptr + i_b.to(tl.int64) * NK + kpos) != 0
-        ok = ok[None, :] & (qpos[:, None] >= 0)
-        if CAUSAL:
-            ok = ok & (kpos[None, :] <= qpos[:, None])
+        kt, vt, s, ok = _exact_block(q, k0, v0, kvalid_ptr, i_b, j_blk, qpos, o_s, o_d, o_dv, NK, scale2,
+                                     D, DV, BS, CAUSAL, PRECISION)
         p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -154,13 +167,8 @@ def mra_bwd_dq_kernel(
         kb0 = kbar_ptr + i_bhk.to(tl.int64) * NBK * D
         vb0 = vbar_ptr + i_bhk.to(tl.int64) * NBK * DV
         for j0 in range(0, n_j, BJ):
-            jj = j0 + tl.arange(0, BJ)
-            kb = _tile(kb0, jj, o_d, n_j, D, D)
-            vb = _tile(vb0, jj, o_dv, n_j, DV, DV)
-            ln = tl.load(logn_ptr + i_b.to(tl.int64) * NBK + jj, mask=jj < n_j, other=float("-inf"))
-            chosen = tl.load(selm_ptr + row * NBK + jj, mask=jj < n_j, other=1)
-            s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * scale2 + ln[None, :]
-            ok = (chosen == 0) & (ln > float("-inf"))
+            kb, vb, s, ok = _virtual_chunk(q, kb0, vb0, logn_ptr, selm_ptr, i_b, row, j0, n_j, o_d, o_dv, NBK,
+                                           scale2, D, DV, BJ, PRECISION)
             p = tl.where(ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(vb), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])

@@ -144,6 +144,15 @@ def _check_resume(out: Path, cfg: FinetuneConfig) -> Path:
     return ckpt
 
 
+def _variant_schedules(variants, step: int, total: int) -> dict[str, float]:
+    """Advance every variant's own schedule to `step`; the mean over layers of what they report."""
+    seen: dict[str, list[float]] = {}
+    for v in variants:
+        for k, x in v.on_train_step(step, total).items():
+            seen.setdefault(k, []).append(float(x))
+    return {k: sum(xs) / len(xs) for k, xs in seen.items()}
+
+
 def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, resume: bool = False,
              force: bool = False, progress: bool = True, metrics: dict | None = None, on_step=None) -> dict:
     """Fine-tune `model` (converted or not) and write it to `out` (loadable with attnswap.load).
@@ -169,6 +178,7 @@ def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, r
     if ckpt is not None:
         start, losses = _load_checkpoint(ckpt, model, optimizer, scheduler, rank)
 
+    variants = list(variant_modules(model).values())  # before prepare() wraps the model
     per_step = cfg.batch_size * world
     rows = windows(training_ids(tokenizer, cfg.data, cfg.steps * per_step * cfg.seq_len), cfg.seq_len)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -181,6 +191,7 @@ def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, r
         first = (step * world + rank) * cfg.batch_size
         idx = torch.arange(first, first + cfg.batch_size) % len(rows)
         batch = rows[idx].to(accelerator.device)
+        shown = _variant_schedules(variants, step, cfg.steps)
         loss = model(input_ids=batch, labels=batch).loss
         mean_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
         if not math.isfinite(mean_loss):
@@ -194,7 +205,8 @@ def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, r
         optimizer.zero_grad(set_to_none=True)
         losses.append(round(mean_loss, 5))
         bar.update(1)
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                        **{k: f"{v:.3g}" for k, v in shown.items()})
         done = step + 1
         if done % cfg.save_every == 0 or done == cfg.steps:
             rng = gather_object([_rng_state()]) if world > 1 else [_rng_state()]

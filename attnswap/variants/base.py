@@ -76,6 +76,14 @@ class Variant(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.parameters())
 
+    def on_train_step(self, step: int, total: int) -> dict[str, float]:
+        """Called by `finetune` before optimizer step `step` (0-based) of `total`, on every rank and on resume.
+
+        For schedules of the variant's own (e.g. an annealed coefficient); returns values to show in the
+        progress bar (averaged over layers), {} by default.
+        """
+        return {}
+
     def make_cache_layer(self):
         """A transformers cache layer for decoding with this variant, or None for the default growing KV cache."""
         return None

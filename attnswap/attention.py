@@ -9,13 +9,19 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 IMPLEMENTATION = "attnswap"
+# lists that attnswap.analysis.recording() hands out: each attention call appends (module, output [B, T, H, D])
+RECORDERS: list[list] = []
 
 
 def attnswap_attention(module, query, key, value, attention_mask, **kwargs):
     variant = getattr(module, "attnswap", None)
     if variant is None or variant.bypass:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    return variant(module, query, key, value, attention_mask, **kwargs)
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    else:
+        out = variant(module, query, key, value, attention_mask, **kwargs)
+    for rec in RECORDERS:
+        rec.append((module, out[0].detach()))
+    return out
 
 
 def ensure_registered() -> str:

@@ -51,3 +51,14 @@ def line_panels(panels: dict[str, dict[str, list[tuple]]], path, xlabel: str, yl
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def speed_table(results, ms_digits: int = 1) -> str:
+    """Markdown table of {T, mode, method, ms, peak_mib} rows with each row's speed relative to SDPA's."""
+    lines = ["| T | mode | method | ms | SDPA / this | peak MiB |", "|---:|---|---|---:|---:|---:|"]
+    sdpa = {(r["T"], r["mode"]): r["ms"] for r in results if r["method"] == "sdpa"}
+    for r in results:
+        ratio = sdpa.get((r["T"], r["mode"]), float("nan")) / r["ms"]
+        peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
+        lines.append(f"| {r['T']} | {r['mode']} | {r['method']} | {r['ms']:.{ms_digits}f} | {ratio:.2f} | {peak} |")
+    return "\n".join(lines)

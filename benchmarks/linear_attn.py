@@ -21,7 +21,7 @@ from attnswap_kernels import rel_rms_error
 from attnswap_kernels.linear_attn import causal_linear_attn, causal_linear_attn_chunked
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import line_panels, timed  # noqa: E402
+from common import line_panels, speed_table, timed  # noqa: E402
 
 H, HK, D, FEAT = 9, 3, 64, 128
 
@@ -113,16 +113,6 @@ def run(device, lengths, reps):
     return results
 
 
-def table(results):
-    lines = ["| T | mode | method | ms | x SDPA | peak MiB |", "|---:|---|---|---:|---:|---:|"]
-    sdpa = {(r["T"], r["mode"]): r["ms"] for r in results if r["method"] == "sdpa"}
-    for r in results:
-        ratio = sdpa.get((r["T"], r["mode"]), float("nan")) / r["ms"]
-        peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
-        lines.append(f"| {r['T']} | {r['mode']} | {r['method']} | {r['ms']:.2f} | {ratio:.2f} | {peak} |")
-    return "\n".join(lines)
-
-
 def plot(results, path):
     names = dict.fromkeys(r["method"] for r in results)
     panels = {m: {n: [(r["T"], r["ms"]) for r in results if r["method"] == n and r["mode"] == m] for n in names}
@@ -143,7 +133,7 @@ def main():
     print(info)
     checks = check(a.device) if a.check else []
     results = run(a.device, [int(x) for x in a.lengths.split(",")], a.reps)
-    print(table(results))
+    print(speed_table(results, ms_digits=2))
     if a.out:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)

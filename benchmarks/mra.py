@@ -32,7 +32,7 @@ from attnswap_kernels import rel_rms_error
 from attnswap_kernels.mra import exact_attention, mra_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import line_panels, timed  # noqa: E402
+from common import line_panels, speed_table, timed  # noqa: E402
 
 H, HK, D = 9, 3, 64
 BUDGETS = (0.5, 0.25, 0.125)
@@ -274,16 +274,6 @@ def embeddings_table(rows):
     for r in rows:
         lines.append(f"| {r['texts']} ({r['n']}) | {r['median_tokens']:.0f} | {r['block_size']} | {r['budget']} | "
                      f"{r['mean_cos']:.5f} | {r['min_cos']:.5f} |")
-    return "\n".join(lines)
-
-
-def speed_table(results):
-    lines = ["| T | mode | method | ms | SDPA / this | peak MiB |", "|---:|---|---|---:|---:|---:|"]
-    sdpa = {(r["T"], r["mode"]): r["ms"] for r in results if r["method"] == "sdpa"}
-    for r in results:
-        ratio = sdpa.get((r["T"], r["mode"]), float("nan")) / r["ms"]
-        peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        lines.append(f"| {r['T']} | {r['mode']} | {r['method']} | {r['ms']:.1f} | {ratio:.2f} | {peak} |")
     return "\n".join(lines)
 
 

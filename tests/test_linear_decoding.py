@@ -6,7 +6,7 @@ import torch
 
 import attnswap
 from attnswap.cli import main
-from attnswap.generation import cache_bytes, generate, make_cache
+from attnswap.generation import generate, make_cache
 
 from .conftest import sample_ids
 

@@ -63,6 +63,17 @@ def _virtual_chunk(q, kb0, vb0, logn_ptr, selm_ptr, i_b, row, j0, n_j, o_d, o_dv
 
 
 @triton.jit
+def _online_softmax(m, l, acc, s, v, PRECISION: tl.constexpr):
+    """Fold base-2 logits s [BS, N] (-inf = masked) with values v [N, DV] into the running max m, sum l and acc."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet: exp2(-inf) = 0, no NaN
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m - m_safe)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
 def mra_fwd_kernel(
     q_ptr, k_ptr, v_ptr, kbar_ptr, vbar_ptr, logn_ptr, kvalid_ptr, idx_ptr, cnt_ptr, selm_ptr, o_ptr, lse_ptr,
     H, G, NQ, NK, NBQ, NBK, I0, KMAX, scale2,
@@ -92,14 +103,7 @@ def mra_fwd_kernel(
         j_blk = tl.load(idx_ptr + row * KMAX + t)
         kt, vt, s, ok = _exact_block(q, k0, v0, kvalid_ptr, i_b, j_blk, qpos, o_s, o_d, o_dv, NK, scale2,
                                      D, DV, BS, CAUSAL, PRECISION)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m - m_safe)
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = _online_softmax(m, l, acc, tl.where(ok, s, float("-inf")), vt, PRECISION)
     if FULL:
         n_j = NBK
         if CAUSAL:
@@ -109,14 +113,7 @@ def mra_fwd_kernel(
         for j0 in range(0, n_j, BJ):
             kb, vb, s, ok = _virtual_chunk(q, kb0, vb0, logn_ptr, selm_ptr, i_b, row, j0, n_j, o_d, o_dv, NBK,
                                            scale2, D, DV, BJ, PRECISION)
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m - m_safe)
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
-            m = m_new
+            m, l, acc = _online_softmax(m, l, acc, tl.where(ok[None, :], s, float("-inf")), vb, PRECISION)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(o_ptr + i_bh.to(tl.int64) * NQ * DV + rows[:, None].to(tl.int64) * DV + o_dv[None, :],
              out.to(o_ptr.dtype.element_ty), mask=(rows[:, None] < NQ) & (o_dv[None, :] < DV))

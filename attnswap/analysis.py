@@ -3,11 +3,14 @@
 `recording(model)` collects every attention layer's per-head output (what the o-projection receives, split by
 head) during the forward passes inside the block, for converted and plain models alike. `head_redundancy`
 turns one layer's outputs into each head's mean cosine similarity to the other heads of the layer (per token,
-averaged over tokens): the head-redundancy measure of the Diff/DEX analyses.
+averaged over tokens): the head-redundancy measure of the Diff/DEX analyses. `heads_scaled` masks heads, and
+`head_scores` measures every head of every layer on calibration ids (redundancy, or importance = the loss
+increase when the head alone is masked).
 """
 from __future__ import annotations
 
 import contextlib
+from typing import Literal
 
 import torch
 from torch import nn
@@ -18,23 +21,48 @@ from .surgery import _base
 
 
 @contextlib.contextmanager
-def recording(model: nn.Module):
-    """Yields a dict filled during the block: layer index -> list of per-head outputs [B, T, H, D] (one per call)."""
+def _through_attnswap(model: nn.Module):
+    """Route attention through the attnswap implementation (plain SDPA for unconverted layers) in the block."""
     base = _base(model)
-    layer_of = {id(s.module): s.index for s in adapter_for(base.config).sites(base)}
     previous = base.config._attn_implementation
     base.set_attn_implementation(attention.ensure_registered())
-    calls: list = []
-    attention.RECORDERS.append(calls)
-    found: dict[int, list[torch.Tensor]] = {}
     try:
-        yield found
+        yield {s.index: s.module for s in adapter_for(base.config).sites(base)}
     finally:
-        attention.RECORDERS.remove(calls)
         if previous != attention.IMPLEMENTATION:
             base.set_attn_implementation(previous)
-        for module, out in calls:
-            found.setdefault(layer_of[id(module)], []).append(out)
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module, inputs: bool = False):
+    """Yields a dict filled during the block: layer index -> list of per-head outputs [B, T, H, D] (one per call).
+
+    With `inputs`, each entry is (output, query [B, H, T, D], key, value [B, Hkv, T, D]) instead.
+    """
+    calls: list = []
+    found: dict[int, list] = {}
+    with _through_attnswap(model) as modules:
+        layer_of = {id(m): i for i, m in modules.items()}
+        attention.RECORDERS.append(calls)
+        try:
+            yield found
+        finally:
+            attention.RECORDERS.remove(calls)
+            for module, out, qkv in calls:
+                found.setdefault(layer_of[id(module)], []).append((out, *qkv) if inputs else out)
+
+
+@contextlib.contextmanager
+def heads_scaled(model: nn.Module, scales: dict[int, torch.Tensor]):
+    """Within the block, layer i's head outputs are multiplied by scales[i] ([H]; 0 masks a head)."""
+    with _through_attnswap(model) as modules:
+        ids = [id(modules[i]) for i in scales]
+        attention.HEAD_SCALES.update({id(modules[i]): s for i, s in scales.items()})
+        try:
+            yield model
+        finally:
+            for key in ids:
+                attention.HEAD_SCALES.pop(key, None)
 
 
 def head_redundancy(out: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -48,3 +76,63 @@ def head_redundancy(out: torch.Tensor, keep: torch.Tensor | None = None) -> torc
     mean = (cos * w[..., None, None]).sum((0, 1)) / w.sum()
     h = out.shape[2]
     return (mean.sum(-1) - mean.diagonal()) / (h - 1)
+
+
+def _objective(model: nn.Module, ids: torch.Tensor, batch_size: int, reference: list | None = None):
+    """Causal LMs: mean next-token loss over `ids`. Other models: the mean relative squared change of the last
+    hidden state against `reference` (a list of the unmasked states, returned when reference is None)."""
+    causal = adapter_for(_base(model).config).causal
+    total, states = 0.0, []
+    for i, chunk in enumerate(ids.split(batch_size)):
+        if causal:
+            total += float(model(input_ids=chunk, labels=chunk).loss) * len(chunk)
+            continue
+        h = model(input_ids=chunk).last_hidden_state.double()
+        if reference is None:
+            states.append(h)
+        else:
+            ref = reference[i]
+            total += float(((h - ref).pow(2).sum(-1) / ref.pow(2).sum(-1)).mean()) * len(chunk)
+    return states if (not causal and reference is None) else total / len(ids)
+
+
+@torch.no_grad()
+def head_scores(model: nn.Module, ids: torch.Tensor, measure: Literal["redundancy", "importance"],
+                layers: list[int] | None = None, batch_size: int = 4) -> dict[int, torch.Tensor]:
+    """layer -> [H] float64 scores of every head, measured on calibration ids [N, T] (deterministic).
+
+    redundancy: `head_redundancy` averaged over the windows. importance: the objective's increase when that
+    head alone is masked (next-token loss for causal LMs, relative change of the last hidden state otherwise).
+    """
+    base = _base(model)
+    sites = adapter_for(base.config).sites(base)
+    layers = [s.index for s in sites] if layers is None else list(layers)
+    was_training = model.training
+    model.eval()
+    try:
+        if measure == "redundancy":
+            sums: dict[int, torch.Tensor] = {}
+            for chunk in ids.split(batch_size):
+                with recording(model) as rec:
+                    model(input_ids=chunk)
+                for layer in layers:
+                    sums[layer] = sums.get(layer, 0) + head_redundancy(rec[layer][0]) * len(chunk)
+            return {layer: sums[layer] / len(ids) for layer in layers}
+        if measure != "importance":
+            raise ValueError(f"unknown head measure {measure!r}")
+        h = adapter_for(base.config).geometry(base.config).num_heads
+        reference = _objective(model, ids, batch_size)
+        causal = not isinstance(reference, list)
+        scores = {}
+        for layer in layers:
+            row = []
+            for head in range(h):
+                scale = torch.ones(h)
+                scale[head] = 0.0
+                with heads_scaled(model, {layer: scale}):
+                    value = _objective(model, ids, batch_size, None if causal else reference)
+                row.append(value - reference if causal else value)
+            scores[layer] = torch.tensor(row, dtype=torch.float64)
+        return scores
+    finally:
+        model.train(was_training)

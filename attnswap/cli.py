@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from typer.exceptions import TyperException
 
-from .config import DistillConfig, EvalConfig, ExportConfig, FinetuneConfig, field_help
+from .config import ConvertConfig, DistillConfig, EvalConfig, ExportConfig, FinetuneConfig, field_help
 from .errors import AttnswapError
 
 app = typer.Typer(help="Swap the self-attention of pretrained transformers for efficient or improved variants.",
@@ -60,12 +60,30 @@ def _reference_params(cls) -> int:
     return sum(p.numel() for p in variant.trainable_parameters())
 
 
+def _describe_model(source: str, as_json: bool) -> None:
+    from .models import load_config
+    from .variants.registry import get_variant
+
+    section = getattr(load_config(source), "attnswap", None)
+    if not section:
+        _emit({"source": source, "variant": None}, as_json, f"{source}: not converted (original attention)")
+        return
+    lines = [f"{source}: variant {section['variant']}, layers {section['layers']}",
+             f"options: {section['options']}", *get_variant(section["variant"]).describe(section)]
+    _emit({"source": source, **section}, as_json, "\n".join(lines))
+
+
 @app.command("list")
-def list_cmd(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
+def list_cmd(source: Optional[str] = typer.Argument(None, help="a model: show its conversion (variant, options, "
+                                                                "adapted heads) instead of the variant table"),
+             as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Variants with the architectures and attention directions each supports, and what they train."""
     from .arch import ARCHITECTURES
     from .models import describe_aliases
     from .variants.registry import all_variants
+
+    if source is not None:
+        return _describe_model(source, as_json)
 
     rows = []
     for name, cls in all_variants().items():
@@ -92,30 +110,40 @@ def convert(
     to: str = typer.Option(..., "--to", help="variant name (see 'attnswap list')"),
     sets: list[str] = typer.Option([], "--set", help="variant option key=value (repeatable)"),
     layers: Optional[str] = typer.Option(None, "--layers", help="layers to convert, e.g. '0-5,10' (default: all)"),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help=field_help(ConvertConfig, "calibration")),
+    calibration_tokens: int = opt(ConvertConfig, "calibration_tokens"),
+    calibration_seq_len: int = opt(ConvertConfig, "calibration_seq_len"),
+    seed: int = opt(ConvertConfig, "seed"),
     out: str = typer.Option(..., "--out", help="output checkpoint directory"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Swap the attention of SOURCE for a variant and write a loadable checkpoint directory."""
     from .checkpoint import check_out, save
+    from .data import check_data
     from .models import load_config, load_model, load_tokenizer
     from .surgery import convert as do_convert
     from .variants.registry import get_variant
     from .arch import adapter_for
 
     options = parse_sets(sets)
+    cfg = _config(ConvertConfig, variant=to, options=options, layers=layers, calibration=calibration,
+                  calibration_tokens=calibration_tokens, calibration_seq_len=calibration_seq_len, seed=seed)
     check_out(out, force)
+    if calibration:
+        check_data(calibration)
     cls = get_variant(to)
     cls.check_supported(adapter_for(load_config(source)), cls.parse_options(options))
+    tokenizer = load_tokenizer(source)
     model = load_model(source)
-    do_convert(model, to, layers=layers, **options)
-    save(model, out, tokenizer=load_tokenizer(source), force=force)
+    do_convert(model, to, layers=layers, calibration=cfg.calibration_for(tokenizer), **options)
+    save(model, out, tokenizer=tokenizer, force=force)
     section = model.config.attnswap
     new = sum(p.numel() for n, p in model.named_parameters() if ".attnswap." in n)
     result = {"out": out, "variant": to, "options": section["options"], "layers": section["layers"],
-              "new_parameters": new}
-    _emit(result, as_json, f"converted {len(section['layers'])} layers of {source} to {to} "
-                            f"{section['options']} ({new} new parameters) -> {out}")
+              "new_parameters": new, **({"prepared": section["prepared"]} if "prepared" in section else {})}
+    human = [f"converted {len(section['layers'])} layers of {source} to {to} ({new} new parameters) -> {out}"]
+    _emit(result, as_json, "\n".join(human + (cls.describe(section) or [f"options: {section['options']}"])))
 
 
 @eval_app.command("perplexity")
@@ -196,6 +224,7 @@ def finetune(
     lora_r: int = opt(FinetuneConfig, "lora_r"),
     lora_alpha: float = opt(FinetuneConfig, "lora_alpha"),
     lr: float = opt(FinetuneConfig, "lr"),
+    variant_lr: Optional[float] = opt(FinetuneConfig, "variant_lr"),
     warmup: int = opt(FinetuneConfig, "warmup"),
     seq_len: int = opt(FinetuneConfig, "seq_len"),
     batch_size: int = opt(FinetuneConfig, "batch_size"),
@@ -210,8 +239,8 @@ def finetune(
     from .models import load_model, load_tokenizer
     from .train import finetune as do_finetune
 
-    cfg = _config(FinetuneConfig, data=data, steps=steps, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, warmup=warmup,
-                  seq_len=seq_len, batch_size=batch_size, save_every=save_every, seed=seed)
+    cfg = _config(FinetuneConfig, data=data, steps=steps, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr,
+                  variant_lr=variant_lr, warmup=warmup, seq_len=seq_len, batch_size=batch_size, save_every=save_every, seed=seed)
     check_data(cfg.data)
     model = load_model(source, merge_lora=True)
     result = do_finetune(model, load_tokenizer(source), cfg, out, resume=resume, force=force)

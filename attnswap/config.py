@@ -15,6 +15,19 @@ class ConvertConfig(_Config):
     variant: str = Field(description="variant name (see 'attnswap list')")
     options: dict[str, Any] = Field(default_factory=dict, description="variant options, key: value")
     layers: str | list[int] | None = Field(None, description="layers to convert, e.g. '0-5,10' (default: all)")
+    calibration: str | None = Field(None, description="text on which variants that measure the model first "
+                                                      "(dex head selection) measure it")
+    calibration_tokens: int = Field(4096, ge=2, description="calibration tokens, drawn as windows from the text")
+    calibration_seq_len: int = Field(512, ge=2, description="calibration window length")
+    seed: int = Field(0, description="seed for drawing the calibration windows")
+
+    def calibration_for(self, tokenizer):
+        """The calibration windows (None without calibration text)."""
+        from .data import calibration
+
+        if self.calibration is None:
+            return None
+        return calibration(tokenizer, self.calibration, self.calibration_tokens, self.calibration_seq_len, self.seed)
 
 
 class DistillConfig(_Config):
@@ -36,6 +49,8 @@ class FinetuneConfig(_Config):
     lora_r: int = Field(8, ge=0, description="LoRA rank on q/k/v/o (0: train only the variant's own parameters)")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / r)")
     lr: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
+    variant_lr: float | None = Field(None, gt=0, description="peak learning rate of the variant's own parameters "
+                                                             "(default: lr)")
     warmup: int = Field(10, ge=0, description="linear warm-up steps, then linear decay to 0")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     seq_len: int = Field(512, ge=2, description="tokens per training sequence")

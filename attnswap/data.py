@@ -1,6 +1,7 @@
 """Text in, token ids out: local UTF-8 files (the offline path) or `wikitext` through `datasets`."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,3 +76,29 @@ def windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Non-overlapping windows [n, seq_len]; a trailing partial window is dropped."""
     n = len(ids) // seq_len
     return ids[: n * seq_len].view(n, seq_len)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Token windows [N, T] on which a variant measures the original model before converting it."""
+
+    ids: torch.Tensor
+    source: str = "ids"
+    seed: int | None = None
+
+    def describe(self) -> dict:
+        n, t = self.ids.shape
+        return {"data": self.source, "windows": n, "seq_len": t, "tokens": n * t, "seed": self.seed}
+
+
+def calibration(tokenizer, spec: str, tokens: int = 4096, seq_len: int = 512, seed: int = 0) -> Calibration:
+    """`tokens` of calibration text as windows of `seq_len`, drawn (seeded) from the first 8 x `tokens` of `spec`.
+
+    The same text, sizes and seed always give the same windows.
+    """
+    if tokens < 2 or seq_len < 2:
+        raise AttnswapError(f"calibration needs at least 2 tokens per window, got tokens={tokens}, seq_len={seq_len}")
+    seq_len = min(seq_len, tokens)
+    pool = windows(training_ids(tokenizer, spec, 8 * tokens), seq_len)
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+    return Calibration(pool[order[: max(1, tokens // seq_len)]].clone(), str(spec), seed)

@@ -9,6 +9,7 @@ import torch
 
 from .checkpoint import atomic_dir, check_out, read_metrics, write_model
 from .models import load_model, load_tokenizer, resolve
+from .variants.registry import get_variant
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHARD_SIZE = "2GB"
@@ -21,6 +22,7 @@ def model_card(name: str, section: dict | None, metrics: dict, recipe: str | Non
             f"- attention variant: `{section['variant']}`",
             f"- options: `{json.dumps(section['options'], sort_keys=True)}`",
             f"- converted layers: {section['layers']}",
+            *[f"- {line}" for line in get_variant(section["variant"]).describe(section)],
             f"- versions: {', '.join(f'{k} {v}' for k, v in section['versions'].items())}",
             "",
         ]

@@ -46,6 +46,8 @@ def validate(recipe: Recipe, out: str | None, force: bool) -> Path:
     adapter = adapter_for(load_config(recipe.model))
     cls = get_variant(recipe.convert.variant)
     cls.check_supported(adapter, cls.parse_options(recipe.convert.options))
+    if recipe.convert.calibration:
+        check_data(recipe.convert.calibration)
     if recipe.distill:
         check_data(recipe.distill.data)
     if recipe.finetune:
@@ -80,7 +82,8 @@ def run(recipe: Recipe, recipe_text: str, out: str | None = None, *, force: bool
     log(f"[1] convert {recipe.model} -> {recipe.convert.variant}")
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model)
-    convert(model, recipe.convert.variant, layers=recipe.convert.layers, **recipe.convert.options)
+    convert(model, recipe.convert.variant, layers=recipe.convert.layers,
+            calibration=recipe.convert.calibration_for(tokenizer), **recipe.convert.options)
     stage = save(model, out / "converted", tokenizer=tokenizer, files=files)
 
     if recipe.distill:

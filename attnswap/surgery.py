@@ -40,11 +40,14 @@ def variant_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {path.rsplit(".", 1)[0]: m for path, m in _base(model).named_modules() if path.endswith(".attnswap")}
 
 
-def convert(model: nn.Module, variant: str, layers: str | list[int] | None = None, **options: Any) -> nn.Module:
+def convert(model: nn.Module, variant: str, layers: str | list[int] | None = None, *, calibration=None,
+            **options: Any) -> nn.Module:
     """Swap the self-attention of `layers` (default: all) for `variant`, in place; returns the model.
 
     The original projections stay where they were; the variant is attached to each attention module as its
     `attnswap` submodule and the model's attention implementation becomes "attnswap". `revert` undoes it.
+    `calibration` (`attnswap.data.calibration(...)`) is text for variants that measure the original model
+    first (dex's head selection); the measured choice is stored in the options.
     """
     base = _base(model)
     if getattr(base.config, "attnswap", None):
@@ -59,6 +62,7 @@ def convert(model: nn.Module, variant: str, layers: str | list[int] | None = Non
         raise AttnswapError(f"found no attention layers in this {adapter.name} model")
     chosen = parse_layers(layers, len(sites))
     geometry = adapter.geometry(base.config)
+    opts, prepared = cls.prepare(model, opts, chosen, calibration)
     ref = next(base.parameters())
     for site in (s for s in sites if s.index in chosen):
         site.module.attnswap = cls(opts, site, geometry, adapter).to(device=ref.device, dtype=ref.dtype)
@@ -69,6 +73,7 @@ def convert(model: nn.Module, variant: str, layers: str | list[int] | None = Non
         "layers": chosen,
         "swapped": [s.path for s in sites if s.index in chosen],
         "versions": _versions(),
+        **({"prepared": prepared} if prepared else {}),
     }
     return model
 

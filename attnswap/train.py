@@ -170,8 +170,11 @@ def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, r
     torch.manual_seed(cfg.seed)
     model = attach_lora(model, cfg)
     model.train()
+    own = {id(p) for v in variant_modules(model).values() for p in v.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": [p for p in params if id(p) not in own]},
+              {"params": [p for p in params if id(p) in own], "lr": cfg.variant_lr or cfg.lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     world, rank = accelerator.num_processes, accelerator.process_index
     start, losses = (0, [])

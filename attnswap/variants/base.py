@@ -73,6 +73,22 @@ class Variant(nn.Module):
                 f"but {adapter.name} models are {adapter.direction}"
             )
 
+    @classmethod
+    def prepare(cls, model: nn.Module, options: VariantOptions, layers: list[int],
+                calibration=None) -> tuple[VariantOptions, dict]:
+        """Before the swap, on the original model: resolve options that come from measuring it.
+
+        `calibration` is an `attnswap.data.Calibration` (token windows) or None. Returns the options to store
+        (fully resolved, so loading a checkpoint never measures again) and a record of the measurement for the
+        checkpoint's `attnswap` section and model card ({} when nothing was measured).
+        """
+        return options, {}
+
+    @classmethod
+    def describe(cls, section: dict) -> list[str]:
+        """Lines for the model card and `attnswap list SOURCE` about a converted model's section."""
+        return []
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.parameters())
 

@@ -176,6 +176,140 @@ def eval_perplexity(
     _emit(result, as_json, human)
 
 
+def _memory_model(source: str, scorer: Optional[str], budget: tuple, interval: Optional[int],
+                  params: Optional[str]):
+    """SOURCE converted to `memory` (or, if it already is, with the given options changed)."""
+    from .models import load_model
+    from .surgery import convert, revert
+
+    model = load_model(source, merge_lora=True)
+    section = getattr(model.config, "attnswap", None)
+    options = {}
+    if section:
+        if section["variant"] != "memory":
+            raise AttnswapError(f"{source} is converted to '{section['variant']}'; eval memory needs the original "
+                                "model or a 'memory' checkpoint")
+        options = dict(section["options"])
+        theta = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("attnswap.namm_params")}
+        revert(model)
+    options.update({k: v for k, v in (("scorer", scorer), ("interval", interval), ("params", params)) if v is not None})
+    if budget[0]:
+        options["budget"] = budget[1]
+    convert(model, "memory", **options)
+    if section and not params:
+        model.load_state_dict(theta, strict=False)  # keep the checkpoint's (evolved) namm parameters
+    return model
+
+
+def _budget(text: Optional[str]) -> tuple[bool, Optional[float]]:
+    """--budget: (given, value); 'free' is None (namm decides)."""
+    if text is None:
+        return False, None
+    if text == "free":
+        return True, None
+    try:
+        value = float(text)
+    except ValueError:
+        raise AttnswapError(f"bad --budget '{text}': a fraction in (0, 1] or 'free' (namm)") from None
+    if not 0 < value <= 1:
+        raise AttnswapError(f"bad --budget '{text}': a fraction in (0, 1] or 'free' (namm)")
+    return True, value
+
+
+@eval_app.command("memory")
+def eval_memory(
+    source: str = typer.Argument(..., help="causal model (original, or a 'memory' checkpoint)"),
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="namm, streaming, h2o, tova, snapkv, knorm, random "
+                                                                "(default: the checkpoint's, else namm)"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="fraction of tokens kept per layer and KV head, or "
+                                                                "'free' (namm decides); default 0.5"),
+    data: str = typer.Option(..., "--data", help="text for long-context perplexity and passkey filler"),
+    interval: Optional[int] = typer.Option(None, "--interval", min=1, help="evict every N tokens (default 512)"),
+    params: Optional[str] = typer.Option(None, "--params", help="namm parameters file from 'attnswap evolve'"),
+    tasks: str = typer.Option("ppl,passkey", "--tasks", help="ppl, passkey or both"),
+    context: int = typer.Option(8192, "--context", min=2, help="long-context perplexity: document length"),
+    score_from: int = typer.Option(4096, "--score-from", min=1, help="long-context perplexity: first scored token"),
+    passkey_context: int = typer.Option(4096, "--passkey-context", min=64, help="passkey: prompt length"),
+    depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", "--depths", help="passkey: depths of the key"),
+    trials: int = typer.Option(2, "--trials", min=1, help="passkey: keys per depth"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
+    """Perplexity and passkey retrieval under a pruned KV cache; kept fraction and peak cache bytes."""
+    from .data import check_data
+    from .evaluate import require_causal_lm
+    from .memory.tasks import long_context_perplexity, passkey
+    from .models import load_config, load_tokenizer
+
+    check_data(data)
+    chosen = [t.strip() for t in tasks.split(",") if t.strip()]
+    bad = [t for t in chosen if t not in ("ppl", "passkey")]
+    if bad or not chosen:
+        raise AttnswapError(f"bad --tasks '{tasks}': use ppl, passkey or ppl,passkey")
+    if score_from >= context:
+        raise AttnswapError(f"--score-from {score_from} must be below --context {context}")
+    try:
+        depth_list = [float(d) for d in depths.split(",")]
+    except ValueError:
+        raise AttnswapError(f"bad --depths '{depths}': use fractions like 0.1,0.5,0.9") from None
+    require_causal_lm(load_config(source), source)
+    model = _memory_model(source, scorer, _budget(budget), interval, params)
+    tok = load_tokenizer(source)
+    result = {"source": source, "options": model.config.attnswap["options"]}
+    lines = []
+    if "ppl" in chosen:
+        r = long_context_perplexity(model, tok, data, context=context, score_from=score_from)
+        result["ppl"] = r
+        lines.append(f"long-context perplexity {r['perplexity']:.4f} (tokens {score_from}..{context}), kept "
+                     f"{r['kept_fraction']:.3f}, peak cache {r['peak_cache_bytes']} bytes")
+    if "passkey" in chosen:
+        r = passkey(model, tok, data, context=passkey_context, depths=depth_list, trials=trials)
+        result["passkey"] = r
+        lines.append(f"passkey accuracy {r['accuracy']:.3f} by depth {r['by_depth']}, kept {r['kept_fraction']:.3f}, "
+                     f"peak cache {r['peak_cache_bytes']} bytes")
+    _emit(result, as_json, "\n".join(lines))
+
+
+@app.command()
+def evolve(
+    source: str = typer.Argument(..., help="causal model to evolve the NAMM scorer on"),
+    scorer: str = typer.Option("namm", "--scorer", help="the scorer to evolve (namm)"),
+    data: str = typer.Option(..., "--data", help="text for the task"),
+    task: str = typer.Option("ppl", "--task", help="ppl (long-context perplexity) or passkey"),
+    generations: int = typer.Option(10, "--generations", min=1, help="CMA-ES generations"),
+    population: int = typer.Option(8, "--population", min=2, help="candidates per generation"),
+    budget: Optional[str] = typer.Option("0.25", "--budget", help="kept fraction while evolving, or 'free'"),
+    interval: int = typer.Option(512, "--interval", min=1, help="evict every N tokens"),
+    sigma: float = typer.Option(0.1, "--sigma", min=1e-6, help="CMA-ES initial step size"),
+    context: int = typer.Option(4096, "--context", min=2, help="ppl: document length; passkey: prompt length"),
+    score_from: int = typer.Option(2048, "--score-from", min=1, help="ppl: first scored token"),
+    trials: int = typer.Option(1, "--trials", min=1, help="passkey: keys per depth"),
+    seed: int = typer.Option(0, "--seed", help="CMA-ES seed"),
+    out: str = typer.Option(..., "--out", help="run directory (evolve.json, namm.safetensors)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in OUT"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
+    """Evolve the NAMM scorer's parameters with CMA-ES on a memory task (checkpoint every generation)."""
+    from .data import check_data
+    from .evaluate import require_causal_lm
+    from .memory.evolve import evolve as do_evolve
+    from .models import load_config, load_tokenizer
+
+    if scorer != "namm":
+        raise AttnswapError(f"only the namm scorer has parameters to evolve, not '{scorer}'")
+    check_data(data)
+    require_causal_lm(load_config(source), source)
+    model = _memory_model(source, "namm", _budget(budget), interval, None)
+    task_kw = ({"context": context, "score_from": score_from} if task == "ppl"
+               else {"context": context, "trials": trials})
+    if task == "ppl" and score_from >= context:
+        raise AttnswapError(f"--score-from {score_from} must be below --context {context}")
+    r = do_evolve(model, load_tokenizer(source), task=task, data=data, out=out, generations=generations,
+                  population=population, sigma=sigma, seed=seed, resume=resume, force=force, task_kw=task_kw)
+    _emit(r, as_json, f"evolved {r['generations']} generations ({r['evaluations']} evaluations): best "
+                      f"{r['best']:.5f} (start {r['history'][0]['best']:.5f}) -> {r['params']}")
+
+
 def _config(cls, **values):
     """Build a typed config from CLI values; a validation error names the flag."""
     from pydantic import ValidationError

@@ -1,0 +1,96 @@
+"""Evolve the NAMM scorer's parameters with CMA-ES on a memory task, with a checkpoint per generation.
+
+OUT/evolve.json holds the run's settings, the CMA-ES state (random generator included) and the history;
+OUT/namm.safetensors the best parameters so far (load with `--set params=...` or `memory` option
+`params`). `resume=True` continues from OUT/evolve.json: the generations computed after a resume are the
+ones an uninterrupted run computes, so the result is the same for a fixed seed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..checkpoint import check_out
+from ..errors import AttnswapError
+from ..surgery import variant_modules
+from .cmaes import CMAES
+from .namm import default_params
+from .tasks import long_context_perplexity, passkey
+
+STATE = "evolve.json"
+PARAMS = "namm.safetensors"
+TASKS = ("ppl", "passkey")
+
+
+def fitness(model, tokenizer, task: str, data: str, theta: np.ndarray, **task_kw) -> tuple[float, dict]:
+    """(value to minimise, the task's result) for one parameter vector: nll for ppl, -accuracy (then nll of
+    nothing: ties stay ties) for passkey."""
+    t = torch.tensor(theta, dtype=torch.float32)
+    for v in variant_modules(model).values():
+        v.namm_params.copy_(t)
+    if task == "ppl":
+        r = long_context_perplexity(model, tokenizer, data, **task_kw)
+        return r["nll"], r
+    r = passkey(model, tokenizer, data, **task_kw)
+    return -r["accuracy"], r
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def evolve(model, tokenizer, *, task: str, data: str, out: str | os.PathLike, generations: int, population: int,
+           sigma: float = 0.1, seed: int = 0, resume: bool = False, force: bool = False, progress: bool = True,
+           task_kw: dict | None = None, log=None) -> dict:
+    """Run CMA-ES over the namm parameters of a model converted to `memory` with scorer namm."""
+    if task not in TASKS:
+        raise AttnswapError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
+    variants = list(variant_modules(model).values())
+    if not variants or getattr(variants[0].options, "scorer", None) != "namm":
+        raise AttnswapError("evolve needs a model converted to 'memory' with scorer namm")
+    out = Path(out)
+    settings = {"task": task, "data": data, "population": population, "sigma": sigma, "seed": seed,
+                "options": variants[0].options.model_dump(mode="json"), "task_kw": task_kw or {}}
+    if resume:
+        if not (out / STATE).is_file():
+            raise AttnswapError(f"nothing to resume: no {STATE} in {out}")
+        saved = json.loads((out / STATE).read_text())
+        if saved["settings"] != settings:
+            changed = [k for k in settings if saved["settings"].get(k) != settings[k]]
+            raise AttnswapError(f"--resume with different {', '.join(changed)} than the run in {out}")
+        es, history = CMAES.from_state(saved["cmaes"]), saved["history"]
+    else:
+        check_out(out, force)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (STATE, PARAMS):
+            (out / name).unlink(missing_ok=True)
+        x0 = default_params().double().numpy()
+        es = CMAES(x0, sigma, popsize=population, seed=seed)
+        es.best_f, es.best_x = fitness(model, tokenizer, task, data, x0, **(task_kw or {}))[0], x0.copy()
+        history = [{"generation": 0, "best": es.best_f, "start": es.best_f}]
+    bar = tqdm(total=generations, initial=es.generation, desc="evolve", unit="gen", disable=not progress)
+    while es.generation < generations:
+        t0 = time.perf_counter()
+        xs = es.ask()
+        fs = [fitness(model, tokenizer, task, data, x, **(task_kw or {}))[0] for x in xs]
+        es.tell(xs, fs)
+        history.append({"generation": es.generation, "best": es.best_f, "min": float(min(fs)),
+                        "mean": float(np.mean(fs)), "sigma": es.sigma, "seconds": round(time.perf_counter() - t0, 1)})
+        save_file({"namm": torch.tensor(es.best_x, dtype=torch.float32)}, str(out / PARAMS))
+        _write_json(out / STATE, {"settings": settings, "cmaes": es.state(), "history": history})
+        bar.update(1)
+        bar.set_postfix(best=f"{es.best_f:.4f}", mean=f"{np.mean(fs):.4f}", sigma=f"{es.sigma:.3f}")
+        if log:
+            log(f"generation {es.generation}: best {es.best_f:.5f}, min {min(fs):.5f}, mean {np.mean(fs):.5f}")
+    bar.close()
+    return {"out": str(out), "params": str(out / PARAMS), "best": es.best_f, "generations": es.generation,
+            "evaluations": es.evaluations, "history": history}

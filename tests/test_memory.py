@@ -1,0 +1,240 @@
+"""KV-cache pruning (`memory` variant): exact when nothing is evicted, eviction only affects attendees, the
+scorers' choices, CMA-ES on known functions, evolution resume, CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import attnswap
+from attnswap.generation import make_cache
+from attnswap.memory.cmaes import CMAES
+from attnswap.surgery import variant_modules
+
+from .conftest import WIKI_TEST, outputs, sample_ids
+
+SCORERS = ["streaming", "h2o", "tova", "snapkv", "knorm", "random", "namm"]
+
+
+def chunked_logits(model, ids, chunk):
+    cache = make_cache(model)
+    with torch.no_grad():
+        out = [model(input_ids=c, cache=cache, use_cache=True).logits for c in ids.split(chunk, dim=1)]
+    return torch.cat(out, dim=1), cache
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_nothing_evicted_equals_the_unpruned_model(tiny_dirs, name, scorer):
+    model = attnswap.load_model(tiny_dirs[name])
+    ids = sample_ids(model.config.vocab_size, batch=1, length=70)
+    ref = outputs(model, ids)
+    attnswap.convert(model, "memory", scorer=scorer, budget=1.0, interval=16, window=4)
+    got, cache = chunked_logits(model, ids, 16)
+    assert (got - ref).abs().max() <= 1e-5
+    assert all(layer.evictions == 4 and layer.kept() == layer.keys.shape[1] * 70 for layer in cache.layers)
+    assert outputs(model, ids).sub(ref).abs().max() <= 1e-6  # without the pruning cache: the original
+
+
+def test_generation_with_nothing_evicted_equals_the_original(tiny_dirs):
+    from attnswap.generation import generate
+
+    model = attnswap.load_model(tiny_dirs["llama"])
+    ids = sample_ids(model.config.vocab_size, batch=1, length=12)
+    want = generate(model, ids, 40)["ids"]
+    attnswap.convert(model, "memory", scorer="h2o", budget=1.0, interval=8)
+    assert torch.equal(generate(model, ids, 40)["ids"], want)
+    attnswap.revert(model)
+    attnswap.convert(model, "memory", scorer="h2o", budget=0.25, interval=8)
+    assert not torch.equal(generate(model, ids, 40)["ids"], want)  # pruning does change what it generates
+
+
+def test_evicting_a_token_changes_only_what_attends_to_it(tiny_dirs):
+    """One layer: after key 5 is evicted, new queries equal attention with key 5 masked for them alone."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, initializer_range=0.2)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = sample_ids(128, batch=1, length=24)
+    full = outputs(model, ids)
+    mask = torch.ones(24, 24, dtype=torch.bool).tril()
+    mask[20:, 5] = False
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=mask[None, None]).logits
+    attnswap.convert(model, "memory", scorer="knorm", budget=1.0, interval=1000)
+    cache = make_cache(model)
+    with torch.no_grad():
+        prompt = model(input_ids=ids[:, :20], cache=cache, use_cache=True).logits
+        layer = cache.layers[0]
+        layer._gather(layer.pos != 5)
+        new = model(input_ids=ids[:, 20:], cache=cache, use_cache=True).logits
+    assert (prompt - full[:, :20]).abs().max() <= 1e-5
+    assert (new - masked[:, 20:]).abs().max() <= 1e-5
+    assert (new - full[:, 20:]).abs().max() > 1e-3
+
+
+def _fill(model, ids, **options):
+    attnswap.revert(model)
+    attnswap.convert(model, "memory", **options)
+    return chunked_logits(model, ids, options.get("interval", 16))[1]
+
+
+def test_budget_sets_the_kept_fraction_and_the_cache_bytes(tiny_dirs):
+    from attnswap.generation import cache_bytes
+
+    model = attnswap.load_model(tiny_dirs["llama"])
+    ids = sample_ids(model.config.vocab_size, batch=1, length=128)
+    sizes = {}
+    for budget in (1.0, 0.5, 0.25):
+        cache = _fill(model, ids, scorer="h2o", budget=budget, interval=16, window=4)
+        assert all(layer.kept_trace[-1] == (128, budget) for layer in cache.layers)
+        sizes[budget] = cache_bytes(cache)
+    assert sizes[0.5] == sizes[1.0] // 2 and sizes[0.25] == sizes[1.0] // 4
+
+
+def test_scorers_keep_what_they_promise(tiny_dirs):
+    model = attnswap.load_model(tiny_dirs["llama"])
+    ids = sample_ids(model.config.vocab_size, batch=1, length=64)
+    layer = _fill(model, ids, scorer="streaming", budget=0.25, interval=64, sinks=4).layers[0]
+    assert layer.pos[0, 0].tolist() == [0, 1, 2, 3] + list(range(52, 64))
+    # knorm: the kept keys are the lowest-norm ones of the unpruned cache
+    full = _fill(model, ids, scorer="knorm", budget=1.0, interval=64).layers[0]
+    norms = full.keys.norm(dim=-1)[0]  # [Hkv, 64]
+    layer = _fill(model, ids, scorer="knorm", budget=0.25, interval=64).layers[0]
+    for h in range(norms.shape[0]):
+        assert sorted(layer.pos[0, h].tolist()) == sorted(norms[h].argsort()[:16].tolist())
+
+
+def _rows(model, ids):
+    """Layer 0's softmax attention of the unpruned model, averaged over each KV group: [Hkv, T, T]."""
+    from attnswap.analysis import recording
+
+    with recording(model, inputs=True) as rec:
+        outputs(model, ids)
+    _, q, k, _ = rec[0][0]
+    h, hk, t = q.shape[1], k.shape[1], q.shape[2]
+    logits = (q @ k.repeat_interleave(h // hk, 1).transpose(-1, -2)) * q.shape[-1] ** -0.5
+    a = torch.softmax(logits.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), -torch.inf), -1)
+    return a.view(hk, h // hk, t, t).mean(1)
+
+
+def test_attention_scorers_keep_the_top_of_their_statistic(tiny_dirs):
+    """One eviction at 32 tokens, budget 0.5: h2o keeps the top of the attention summed over all queries,
+    tova of the last query's, snapkv of the last-window mean max-pooled over 7 positions (window kept)."""
+    model = attnswap.load_model(tiny_dirs["llama"])
+    ids = sample_ids(model.config.vocab_size, batch=1, length=32)
+    a = _rows(model, ids)
+    window = 4
+    pooled = torch.nn.functional.max_pool1d(a[:, -window:].mean(1)[:, None], 7, stride=1, padding=3)[:, 0]
+    stats = {"h2o": (a.sum(1), 1), "tova": (a[:, -1], 0), "snapkv": (pooled, window)}
+    for scorer, (stat, protect) in stats.items():
+        layer = _fill(model, ids, scorer=scorer, budget=0.5, interval=32, window=max(protect, 1)).layers[0]
+        for head in range(a.shape[0]):
+            s = stat[head].clone()
+            if protect:
+                s[32 - protect:] = torch.inf
+            assert sorted(layer.pos[0, head].tolist()) == sorted(s.topk(16).indices.tolist()), scorer
+    full = _fill(model, ids, scorer="h2o", budget=1.0, interval=8).layers[0]
+    assert torch.allclose(full.stats["h2o"][0], a.sum(1), atol=1e-5)  # accumulated over the evictions
+
+
+def test_namm_runs_free_and_capped(tiny_dirs):
+    model = attnswap.load_model(tiny_dirs["gpt2"])
+    ids = sample_ids(model.config.vocab_size, batch=1, length=96)
+    free = _fill(model, ids, scorer="namm", budget=None, interval=32)
+    fractions = [layer.kept_trace[-1][1] for layer in free.layers]
+    assert all(0 < f < 1 for f in fractions)
+    capped = _fill(model, ids, scorer="namm", budget=0.25, interval=32)
+    assert all(layer.kept_trace[-1] == (96, 0.25) for layer in capped.layers)
+    with pytest.raises(attnswap.AttnswapError, match="needs a budget"):
+        _fill(model, ids, scorer="h2o", budget=None)
+
+
+def test_cmaes_converges_on_known_functions():
+    shift = np.linspace(-2, 2, 20)
+    es = CMAES(np.zeros(20), 1.0, seed=0)
+    while es.generation < 600 and es.best_f > 1e-10:
+        xs = es.ask()
+        es.tell(xs, [float(((x - shift) ** 2).sum()) for x in xs])
+    assert es.best_f <= 1e-10 and np.abs(es.best_x - shift).max() < 1e-4
+
+    def rosenbrock(x):
+        return float((100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum())
+
+    es = CMAES(np.zeros(10), 0.5, seed=1)
+    while es.generation < 3000 and es.best_f > 1e-8:
+        xs = es.ask()
+        es.tell(xs, [rosenbrock(x) for x in xs])
+    assert es.best_f <= 1e-8 and np.abs(es.best_x - 1).max() < 1e-3
+
+
+def test_cmaes_state_round_trips():
+    es = CMAES(np.ones(5), 0.3, seed=3)
+    for _ in range(3):
+        xs = es.ask()
+        es.tell(xs, [float((x ** 2).sum()) for x in xs])
+    again = CMAES.from_state(json.loads(json.dumps(es.state())))
+    assert np.array_equal(es.ask(), again.ask())
+
+
+def _evolve(model, tok, out, generations, resume=False):
+    from attnswap.memory.evolve import evolve
+
+    return evolve(model, tok, task="ppl", data=str(WIKI_TEST), out=out, generations=generations, population=4,
+                  sigma=0.5, seed=0, resume=resume, progress=False, task_kw={"context": 96, "score_from": 48})
+
+
+def test_evolution_resumes_to_the_same_result(tiny_dirs, tiny_tokenizer, tmp_path):
+    model = attnswap.load_model(tiny_dirs["llama"])
+    attnswap.convert(model, "memory", scorer="namm", budget=0.25, interval=16)
+    straight = _evolve(model, tiny_tokenizer, tmp_path / "a", 3)
+    _evolve(model, tiny_tokenizer, tmp_path / "b", 1)
+    resumed = _evolve(model, tiny_tokenizer, tmp_path / "b", 3, resume=True)
+    def timeless(history):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+    assert len(straight["history"]) == 4 and timeless(straight["history"]) == timeless(resumed["history"])
+    a = (tmp_path / "a" / "namm.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "namm.safetensors").read_bytes()
+    assert straight["best"] <= straight["history"][0]["start"]
+    with pytest.raises(attnswap.AttnswapError, match="already exists"):
+        _evolve(model, tiny_tokenizer, tmp_path / "a", 3)
+
+
+def test_evolved_parameters_load_and_travel_with_the_checkpoint(tiny_dirs, tiny_tokenizer, tmp_path):
+    from safetensors.torch import save_file
+
+    from attnswap.cli import main
+
+    theta = torch.randn(506)
+    save_file({"namm": theta}, str(tmp_path / "namm.safetensors"))
+    out = tmp_path / "mem"
+    assert main(["convert", str(tiny_dirs["llama"]), "--to", "memory", "--set", "scorer=namm", "--set",
+                 f"params={tmp_path / 'namm.safetensors'}", "--set", "budget=0.25", "--out", str(out)]) == 0
+    (tmp_path / "namm.safetensors").unlink()  # the checkpoint must not need the file any more
+    loaded = attnswap.load(out)
+    assert all(torch.equal(v.namm_params, theta) for v in variant_modules(loaded).values())
+    assert loaded.config.attnswap["options"]["params"] is None
+    assert main(["export", str(out), "--out", str(tmp_path / "exp")]) == 0
+    card = (tmp_path / "exp" / "README.md").read_text()
+    assert "KV-cache pruning: scorer namm, keeps 0.25 of the tokens seen" in card and "namm parameters from" in card
+
+
+def test_eval_memory_cli(tiny_dirs, capsys):
+    from attnswap.cli import main
+
+    args = ["eval", "memory", str(tiny_dirs["llama"]), "--data", str(WIKI_TEST), "--context", "128", "--score-from",
+            "64", "--interval", "32", "--passkey-context", "96", "--depths", "0.5", "--trials", "1", "--json"]
+    assert main(args + ["--scorer", "h2o", "--budget", "1.0"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert main(args + ["--scorer", "h2o", "--budget", "0.25"]) == 0
+    pruned = json.loads(capsys.readouterr().out)
+    assert full["ppl"]["kept_fraction"] == 1.0 and pruned["ppl"]["kept_fraction"] == 0.25
+    assert pruned["ppl"]["peak_cache_bytes"] < full["ppl"]["peak_cache_bytes"]
+    assert set(pruned["passkey"]) >= {"accuracy", "by_depth", "kept_fraction", "peak_cache_bytes"}
+    assert main(args + ["--budget", "2"]) == 2
+    assert "bad --budget" in capsys.readouterr().err
+    assert main(args + ["--scorer", "nope"]) == 2
+    assert "unknown scorer 'nope'" in capsys.readouterr().err

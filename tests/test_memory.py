@@ -238,3 +238,27 @@ def test_eval_memory_cli(tiny_dirs, capsys):
     assert "bad --budget" in capsys.readouterr().err
     assert main(args + ["--scorer", "nope"]) == 2
     assert "unknown scorer 'nope'" in capsys.readouterr().err
+
+
+def test_namm_backward_attention_fast_path_equals_the_masked_one():
+    """Entries in position order use causal SDPA on the reversed sequence; with padding, an explicit mask."""
+    from attnswap.memory import namm
+
+    g = torch.Generator().manual_seed(0)
+    n = 50
+    x = torch.randn(1, 2, n, namm.IN, generator=g)
+    pos = torch.arange(n).expand(1, 2, n)
+    theta = namm.default_params() + 0.3 * torch.randn(namm.N_PARAMS, generator=g)
+    fast = namm.network(theta, x, pos, torch.ones(1, 2, n, dtype=torch.bool))
+    padded = namm.network(theta, torch.cat([x, torch.zeros(1, 2, 1, namm.IN)], 2),
+                          torch.cat([pos, torch.full((1, 2, 1), 10 ** 6)], 2),
+                          torch.cat([torch.ones(1, 2, n, dtype=torch.bool), torch.zeros(1, 2, 1, dtype=torch.bool)], 2))
+    assert (fast - padded[..., :n]).abs().max() <= 1e-5
+    # by hand: entry i attends to entries j >= i
+    p = namm.unpack(theta)
+    h = x @ p["w_in"] + p["b_in"]
+    att = (h @ p["wq"]) @ (h @ p["wk"]).transpose(-1, -2) * namm.HIDDEN ** -0.5
+    att = torch.softmax(att.masked_fill(~torch.ones(n, n, dtype=torch.bool).triu(), -torch.inf), -1)
+    h = h + att @ (h @ p["wv"])
+    want = torch.relu(h @ p["w1"] + p["b1"]) @ p["w_out"] + x @ p["w_lin"] + p["b_out"]
+    assert (fast - want).abs().max() <= 1e-5

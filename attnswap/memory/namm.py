@@ -68,9 +68,15 @@ def network(theta: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, valid: torc
     p = unpack(theta.to(x.dtype))
     h = x @ p["w_in"] + p["b_in"]
     q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
-    logits = (q @ k.transpose(-1, -2)) * HIDDEN ** -0.5  # [B, Hkv, N, N]
-    later = (pos[..., None, :] >= pos[..., :, None]) & valid[..., None, :]
-    h = h + torch.softmax(logits.masked_fill(~later, -torch.inf), dim=-1).nan_to_num(0.0) @ v
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if bool(valid.all()) and bool((pos[..., 1:] > pos[..., :-1]).all()):
+        # entries in position order: "attend to the newer ones" is causal attention on the reversed sequence
+        flip = lambda t: t.flip(-2)  # noqa: E731
+        h = h + flip(sdpa(flip(q), flip(k), flip(v), is_causal=True))
+    else:
+        later = (pos[..., None, :] >= pos[..., :, None]) & valid[..., None, :]  # [B, Hkv, N, N]
+        later = later | ~later.any(-1, keepdim=True)  # a row with nothing to see (padding) attends uniformly
+        h = h + sdpa(q, k, v, attn_mask=later)
     hidden = torch.relu(h @ p["w1"] + p["b1"])
     return hidden @ p["w_out"] + x @ p["w_lin"] + p["b_out"]
 

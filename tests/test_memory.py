@@ -86,12 +86,15 @@ def test_budget_sets_the_kept_fraction_and_the_cache_bytes(tiny_dirs):
 
     model = attnswap.load_model(tiny_dirs["llama"])
     ids = sample_ids(model.config.vocab_size, batch=1, length=128)
-    sizes = {}
+    sizes, peaks = {}, {}
     for budget in (1.0, 0.5, 0.25):
         cache = _fill(model, ids, scorer="h2o", budget=budget, interval=16, window=4)
         assert all(layer.kept_trace[-1] == (128, budget) for layer in cache.layers)
         sizes[budget] = cache_bytes(cache)
+        peaks[budget] = cache.layers[0].peak_bytes
     assert sizes[0.5] == sizes[1.0] // 2 and sizes[0.25] == sizes[1.0] // 4
+    # the peak is just before the last eviction: ceil(budget x 112) kept + 16 new entries, of 128
+    assert peaks[0.5] == peaks[1.0] * (56 + 16) // 128 and peaks[0.25] == peaks[1.0] * (28 + 16) // 128
 
 
 def test_scorers_keep_what_they_promise(tiny_dirs):

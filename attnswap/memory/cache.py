@@ -30,6 +30,7 @@ class PrunedLayer(CacheLayerMixin):
         self.stats: dict[str, torch.Tensor] = {}  # scorer state aligned with entries on dim 2
         self.recent_q = self.recent_pos = None  # queries since the last eviction [B, H, R, D], [R]
         self.kept_trace: list[tuple[int, float]] = []  # (tokens seen, kept fraction) after each eviction
+        self.peak_bytes = 0  # largest keys + values held, new tokens included (just before an eviction)
 
     def lazy_initialization(self, key_states, value_states):
         b, hk, _, d = key_states.shape
@@ -52,6 +53,7 @@ class PrunedLayer(CacheLayerMixin):
         for k, t in self.stats.items():
             pad = t.new_zeros(*t.shape[:2], n, *t.shape[3:])
             self.stats[k] = torch.cat([t, pad], dim=2)
+        self.peak_bytes = max(self.peak_bytes, self.keys.nbytes + self.values.nbytes)
         self.variant._pending_cache = self
         return self.keys, self.values
 

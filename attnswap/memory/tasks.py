@@ -12,7 +12,7 @@ import torch
 
 from ..data import encode, read_text
 from ..errors import AttnswapError
-from ..generation import cache_bytes, make_cache
+from ..generation import make_cache
 from ..surgery import variant_modules
 
 
@@ -32,6 +32,18 @@ def _interval(model) -> int:
     return variants[0].options.interval if variants and hasattr(variants[0].options, "interval") else 512
 
 
+def peak_bytes(cache) -> int:
+    """Largest cache held so far: pruning layers report their peak (new tokens in, just before an eviction);
+    other layers their current keys and values."""
+    total = 0
+    for layer in cache.layers:
+        if hasattr(layer, "peak_bytes"):
+            total += layer.peak_bytes
+        else:
+            total += sum(t.nbytes for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+    return total
+
+
 @torch.no_grad()
 def run_chunked(model, ids: torch.Tensor, chunk: int | None = None, score_from: int | None = None):
     """Feed ids [1, T] chunk by chunk through a fresh (pruning) cache. Returns (nll sum over the targets at
@@ -42,7 +54,7 @@ def run_chunked(model, ids: torch.Tensor, chunk: int | None = None, score_from: 
     for start in range(0, ids.shape[1], chunk):
         piece = ids[:, start:start + chunk]
         logits = model(input_ids=piece, cache=cache, use_cache=True).logits
-        peak = max(peak, cache_bytes(cache))
+        peak = max(peak, peak_bytes(cache))
         if score_from is None:
             continue
         target_pos = torch.arange(start + 1, start + 1 + piece.shape[1])  # what each logit predicts

@@ -107,7 +107,8 @@ class Dex(Variant):
         heads = section["options"]["heads"]
         lines = []
         if isinstance(heads, dict):
-            lines.append("adapted heads (layer: heads): " + "; ".join(f"{k}: {v}" for k, v in heads.items()))
+            ordered = sorted(heads.items(), key=lambda kv: int(kv[0]))
+            lines.append("adapted heads (layer: heads): " + "; ".join(f"{k}: {v}" for k, v in ordered))
         else:
             lines.append(f"adapted heads: {heads} in layers {section['layers']}")
         prep = section.get("prepared")

@@ -282,6 +282,8 @@ def evolve(
     sigma: float = typer.Option(0.1, "--sigma", min=1e-6, help="CMA-ES initial step size"),
     context: int = typer.Option(4096, "--context", min=2, help="ppl: document length; passkey: prompt length"),
     score_from: int = typer.Option(2048, "--score-from", min=1, help="ppl: first scored token"),
+    documents: int = typer.Option(1, "--documents", min=1, help="ppl: consecutive documents the fitness averages "
+                                                                "over (more generalise better, cost more)"),
     trials: int = typer.Option(1, "--trials", min=1, help="passkey: keys per depth"),
     seed: int = typer.Option(0, "--seed", help="CMA-ES seed"),
     out: str = typer.Option(..., "--out", help="run directory (evolve.json, namm.safetensors)"),
@@ -300,7 +302,7 @@ def evolve(
     check_data(data)
     require_causal_lm(load_config(source), source)
     model = _memory_model(source, "namm", _budget(budget), interval, None)
-    task_kw = ({"context": context, "score_from": score_from} if task == "ppl"
+    task_kw = ({"context": context, "score_from": score_from, "documents": documents} if task == "ppl"
                else {"context": context, "trials": trials})
     if task == "ppl" and score_from >= context:
         raise AttnswapError(f"--score-from {score_from} must be below --context {context}")

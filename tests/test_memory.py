@@ -265,3 +265,20 @@ def test_namm_backward_attention_fast_path_equals_the_masked_one():
     h = h + att @ (h @ p["wv"])
     want = torch.relu(h @ p["w1"] + p["b1"]) @ p["w_out"] + x @ p["w_lin"] + p["b_out"]
     assert (fast - want).abs().max() <= 1e-5
+
+
+def test_long_context_perplexity_pools_documents(tiny_dirs, tiny_tokenizer):
+    """documents=2 scores two consecutive stretches: its NLL is the mean of the two scored separately."""
+    import math
+
+    from attnswap.data import encode, read_text
+    from attnswap.memory.tasks import long_context_perplexity, run_chunked
+
+    model = attnswap.load_model(tiny_dirs["llama"])
+    attnswap.convert(model, "memory", scorer="h2o", budget=0.5, interval=16)
+    both = long_context_perplexity(model, tiny_tokenizer, str(WIKI_TEST), context=64, score_from=32, documents=2)
+    ids = encode(tiny_tokenizer, read_text(str(WIKI_TEST), max_chars=6 * 128 + 10_000))
+    parts = [run_chunked(model, ids[i * 64:(i + 1) * 64][None], score_from=32)[:2] for i in range(2)]
+    assert both["predictions"] == 64 == sum(c for _, c in parts)
+    assert both["nll"] == pytest.approx(sum(n for n, _ in parts) / 64, abs=1e-9)
+    assert both["perplexity"] == pytest.approx(math.exp(both["nll"]))

@@ -176,31 +176,6 @@ def eval_perplexity(
     _emit(result, as_json, human)
 
 
-def _memory_model(source: str, scorer: Optional[str], budget: tuple, interval: Optional[int],
-                  params: Optional[str]):
-    """SOURCE converted to `memory` (or, if it already is, with the given options changed)."""
-    from .models import load_model
-    from .surgery import convert, revert
-
-    model = load_model(source, merge_lora=True)
-    section = getattr(model.config, "attnswap", None)
-    options = {}
-    if section:
-        if section["variant"] != "memory":
-            raise AttnswapError(f"{source} is converted to '{section['variant']}'; eval memory needs the original "
-                                "model or a 'memory' checkpoint")
-        options = dict(section["options"])
-        theta = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("attnswap.namm_params")}
-        revert(model)
-    options.update({k: v for k, v in (("scorer", scorer), ("interval", interval), ("params", params)) if v is not None})
-    if budget[0]:
-        options["budget"] = budget[1]
-    convert(model, "memory", **options)
-    if section and not params:
-        model.load_state_dict(theta, strict=False)  # keep the checkpoint's (evolved) namm parameters
-    return model
-
-
 def _budget(text: Optional[str]) -> tuple[bool, Optional[float]]:
     """--budget: (given, value); 'free' is None (namm decides)."""
     if text is None:
@@ -237,6 +212,7 @@ def eval_memory(
     """Perplexity and passkey retrieval under a pruned KV cache; kept fraction and peak cache bytes."""
     from .data import check_data
     from .evaluate import require_causal_lm
+    from .memory import memory_model
     from .memory.tasks import long_context_perplexity, passkey
     from .models import load_config, load_tokenizer
 
@@ -252,7 +228,7 @@ def eval_memory(
     except ValueError:
         raise AttnswapError(f"bad --depths '{depths}': use fractions like 0.1,0.5,0.9") from None
     require_causal_lm(load_config(source), source)
-    model = _memory_model(source, scorer, _budget(budget), interval, params)
+    model = memory_model(source, scorer, _budget(budget), interval, params)
     tok = load_tokenizer(source)
     result = {"source": source, "options": model.config.attnswap["options"]}
     lines = []
@@ -294,6 +270,7 @@ def evolve(
     """Evolve the NAMM scorer's parameters with CMA-ES on a memory task (checkpoint every generation)."""
     from .data import check_data
     from .evaluate import require_causal_lm
+    from .memory import memory_model
     from .memory.evolve import evolve as do_evolve
     from .models import load_config, load_tokenizer
 
@@ -301,7 +278,7 @@ def evolve(
         raise AttnswapError(f"only the namm scorer has parameters to evolve, not '{scorer}'")
     check_data(data)
     require_causal_lm(load_config(source), source)
-    model = _memory_model(source, "namm", _budget(budget), interval, None)
+    model = memory_model(source, "namm", _budget(budget), interval, None)
     task_kw = ({"context": context, "score_from": score_from, "documents": documents} if task == "ppl"
                else {"context": context, "trials": trials})
     if task == "ppl" and score_from >= context:

@@ -176,6 +176,46 @@ def eval_perplexity(
     _emit(result, as_json, human)
 
 
+@eval_app.command("calibration")
+def eval_calibration(
+    source: str = typer.Argument(..., help="causal model to evaluate (a single model or an ensemble)"),
+    data: str = opt(EvalConfig, "data"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help=field_help(EvalConfig, "max_tokens") + " (default: all)"),
+    seq_len: int = opt(EvalConfig, "seq_len"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="write the reliability diagram to this PNG file"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing --plot file"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
+    """Calibration of next-token predictions: accuracy, NLL, ECE (10 bins), Brier, entropy, member disagreement."""
+    from pathlib import Path
+
+    from .data import check_data
+    from .evaluate import require_causal_lm
+    from .models import load_config, load_model, load_tokenizer
+    from .uncertainty import calibration, reliability_plot
+
+    cfg = EvalConfig(data=data, max_tokens=max_tokens, seq_len=seq_len)
+    check_data(cfg.data)
+    if plot is not None:
+        if not plot.endswith(".png"):
+            raise AttnswapError(f"--plot '{plot}': give a .png file name")
+        if Path(plot).exists() and not force:
+            raise AttnswapError(f"--plot '{plot}' already exists; pass --force to overwrite it")
+    require_causal_lm(load_config(source), source)
+    result = calibration(load_model(source, merge_lora=True), load_tokenizer(source), cfg.data,
+                         max_tokens=cfg.max_tokens, seq_len=cfg.seq_len, label=source)
+    if plot is not None:
+        tmp = Path(plot).with_name(f".{Path(plot).name}.tmp.png")
+        reliability_plot({source: result}, tmp)
+        tmp.replace(plot)
+        result["plot"] = plot
+    human = (f"{source} ({result['members']} member{'s' if result['members'] > 1 else ''}): accuracy "
+             f"{result['accuracy']:.4f}  nll {result['nll']:.4f}  ece {result['ece']:.4f}  brier {result['brier']:.4f}  "
+             f"entropy {result['entropy']:.4f}  disagreement {result['disagreement']:.4f}  "
+             f"over {result['tokens']} predictions ({result['windows']} windows of {seq_len})")
+    _emit(result, as_json, human)
+
+
 def _budget(text: Optional[str]) -> tuple[bool, Optional[float]]:
     """--budget: (given, value); 'free' is None (namm decides)."""
     if text is None:
@@ -397,6 +437,8 @@ def export(
     merge_lora: bool = typer.Option(ExportConfig.model_fields["merge_lora"].default, "--merge-lora/--no-merge-lora",
                                     help=field_help(ExportConfig, "merge_lora")),
     dtype: str = opt(ExportConfig, "dtype", extra_help=": fp32, bf16 or fp16"),
+    member: Optional[int] = typer.Option(None, "--member", min=0, help="export only member K of an ensemble, "
+                                         "merged into the weights as a plain model"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
@@ -405,8 +447,10 @@ def export(
 
     if dtype not in DTYPES:
         raise AttnswapError(f"bad --dtype '{dtype}': use one of {', '.join(DTYPES)}")
-    path = do_export(source, out, merge_lora=merge_lora, dtype=dtype, force=force)
-    _emit({"out": str(path), "dtype": dtype, "merged_lora": merge_lora}, as_json, f"exported {source} -> {path}")
+    path = do_export(source, out, merge_lora=merge_lora, dtype=dtype, force=force, member=member)
+    what = f"member {member} of {source}" if member is not None else source
+    _emit({"out": str(path), "dtype": dtype, "merged_lora": merge_lora, "member": member}, as_json,
+          f"exported {what} -> {path}")
 
 
 @app.command()

@@ -15,8 +15,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHARD_SIZE = "2GB"
 
 
-def model_card(name: str, section: dict | None, metrics: dict, recipe: str | None) -> str:
+def model_card(name: str, section: dict | None, metrics: dict, recipe: str | None, origin: str | None = None) -> str:
     lines = [f"# {name}", "", "Exported by attnswap (attention surgery for pretrained transformers).", ""]
+    if origin:
+        lines += [origin, ""]
     if section:
         lines += [
             f"- attention variant: `{section['variant']}`",
@@ -61,14 +63,29 @@ def model_card(name: str, section: dict | None, metrics: dict, recipe: str | Non
 
 
 def export(source: str | os.PathLike, out: str | os.PathLike, *, merge_lora: bool = True, dtype: str = "fp32",
-           force: bool = False) -> Path:
-    """Write `source` as a self-contained checkpoint directory at `out`, atomically."""
+           force: bool = False, member: int | None = None) -> Path:
+    """Write `source` as a self-contained checkpoint directory at `out`, atomically.
+
+    `member` k: of a model with members (lora-ensemble), only member k, folded into the backbone weights:
+    a plain model of the original architecture.
+    """
     check_out(out, force)
     src_dir = Path(resolve(source).location) if Path(str(source)).is_dir() else None
     model = load_model(source, merge_lora=merge_lora)
+    origin = None
+    if member is not None:
+        from .members import extract_member, member_count
+
+        section = getattr(model.config, "attnswap", None) or {}
+        n = member_count(model)
+        model = extract_member(model, member)
+        origin = (f"Member {member} of {n} of the `{section.get('variant')}` model `{source}` "
+                  f"(options `{json.dumps(section.get('options'), sort_keys=True)}`), merged into the weights.")
     model = model.to(DTYPES[dtype])
     tokenizer = load_tokenizer(source)
     metrics = read_metrics(src_dir) if src_dir else {}
+    if member is not None:
+        metrics.pop("eval", None)  # measured on the whole ensemble, not on this member
     recipe_path = src_dir / "recipe.yaml" if src_dir else None
     recipe = recipe_path.read_text() if recipe_path and recipe_path.is_file() else None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -81,5 +98,5 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, merge_lora: boo
             (tmp / "recipe.yaml").write_text(recipe)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "README.md").write_text(model_card(Path(out).name, base.config.attnswap if section else None,
-                                                  metrics, recipe))
+                                                  metrics, recipe, origin))
     return Path(out)

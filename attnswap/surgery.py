@@ -67,6 +67,7 @@ def convert(model: nn.Module, variant: str, layers: str | list[int] | None = Non
     for site in (s for s in sites if s.index in chosen):
         site.module.attnswap = cls(opts, site, geometry, adapter).to(device=ref.device, dtype=ref.dtype)
     base.set_attn_implementation(ensure_registered())
+    base._attnswap_hooks = cls.model_hooks(base, adapter, opts)
     base.config.attnswap = {
         "variant": cls.name,
         "options": opts.model_dump(mode="json"),
@@ -94,6 +95,9 @@ def bypassed(model: nn.Module):
 def revert(model: nn.Module) -> nn.Module:
     """Remove every attached variant and restore SDPA attention: the original model again."""
     base = _base(model)
+    for handle in getattr(base, "_attnswap_hooks", []):
+        handle.remove()
+    base._attnswap_hooks = []
     for path in variant_modules(base):
         del base.get_submodule(path).attnswap
     if base.config._attn_implementation == IMPLEMENTATION:

@@ -160,6 +160,8 @@ def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, r
     `on_step(step, loss)` is called after each optimizer step (1-based step), e.g. for logging.
     """
     out = Path(out)
+    if any(type(v).is_adapter for v in variant_modules(model).values()):
+        cfg = cfg.model_copy(update={"lora_r": 0})  # the variant is the adapter: no PEFT LoRA on top of it
     accelerator = _accelerator()
     ckpt = _check_resume(out, cfg) if resume else None
     if not resume:

@@ -71,3 +71,11 @@ class ArchAdapter:
     def projections(self, model: nn.Module, site: Site) -> dict[str, Projection]:
         """q, k, v, o of one site as nn.Linear-layout weights (views, not copies)."""
         raise NotImplementedError
+
+    def projection_modules(self, model: nn.Module, site: Site) -> dict[str, tuple[nn.Module, slice]]:
+        """q, k, v, o of one site as (module computing it, slice of that module's output features).
+
+        The slice is the whole output except for fused projections (GPT-2's q|k|v `c_attn`); a forward hook on
+        the module sees the projection's input and can add to its slice of the output.
+        """
+        raise NotImplementedError

@@ -26,3 +26,9 @@ class BertAdapter(ArchAdapter):
             "v": Projection(a.value.weight, a.value.bias),
             "o": Projection(dense.weight, dense.bias),
         }
+
+    def projection_modules(self, model, site):
+        a = site.module
+        dense = model.get_submodule(site.path.rsplit(".", 1)[0] + ".output.dense")
+        return {"q": (a.query, slice(None)), "k": (a.key, slice(None)), "v": (a.value, slice(None)),
+                "o": (dense, slice(None))}

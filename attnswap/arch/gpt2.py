@@ -26,3 +26,9 @@ class GPT2Adapter(ArchAdapter):
         out = {n: Projection(w[i * h : (i + 1) * h], b[i * h : (i + 1) * h]) for i, n in enumerate("qkv")}
         out["o"] = Projection(a.c_proj.weight.t(), a.c_proj.bias)
         return out
+
+    def projection_modules(self, model, site):
+        a, h = site.module, site.module.embed_dim
+        out = {n: (a.c_attn, slice(i * h, (i + 1) * h)) for i, n in enumerate("qkv")}
+        out["o"] = (a.c_proj, slice(None))
+        return out

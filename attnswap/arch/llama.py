@@ -25,3 +25,6 @@ class LlamaAdapter(ArchAdapter):
     def projections(self, model, site):
         a = site.module
         return {n: _linear(getattr(a, f"{n}_proj")) for n in "qkvo"}
+
+    def projection_modules(self, model, site):
+        return {n: (getattr(site.module, f"{n}_proj"), slice(None)) for n in "qkvo"}

@@ -34,6 +34,9 @@ class Variant(nn.Module):
     directions: ClassVar[frozenset[str]] = frozenset({"causal", "bidirectional"})
     # what the conversion adds, for `attnswap list` and the docs
     adds: ClassVar[str] = "no new parameters"
+    # True for a variant that is itself a low-rank adapter of the projections (lora-ensemble): finetune trains
+    # only the variant's parameters and adds no PEFT LoRA on top
+    is_adapter: ClassVar[bool] = False
 
     def __init__(self, options: VariantOptions, site: Site, geometry: Geometry, adapter: ArchAdapter):
         super().__init__()
@@ -44,6 +47,8 @@ class Variant(nn.Module):
         self.layer_index = site.index
         self.geometry = geometry
         self.causal = adapter.causal
+        # models whose variants carry N > 1 members run every input as N stacked copies (attnswap.members)
+        self.members = 1
 
     @classmethod
     def parse_options(cls, values: dict[str, Any]) -> VariantOptions:
@@ -88,6 +93,18 @@ class Variant(nn.Module):
     def describe(cls, section: dict) -> list[str]:
         """Lines for the model card and `attnswap list SOURCE` about a converted model's section."""
         return []
+
+    @classmethod
+    def model_hooks(cls, model: nn.Module, adapter: ArchAdapter, options: VariantOptions) -> list:
+        """After the swap: hooks on modules outside the attention function (projections, the model's forward).
+
+        Returns their removable handles; `attnswap.revert` removes them. None by default.
+        """
+        return []
+
+    def merge_member(self, member: int, projections: dict) -> None:
+        """Fold member `member`'s weights into the backbone `projections` (arch `projections()` views)."""
+        raise AttnswapError(f"variant '{self.name}' has no members to extract")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.parameters())

@@ -1,0 +1,158 @@
+"""Calibration of next-token predictions, for single models and ensembles alike (docs/evaluation.md).
+
+Windows as in `attnswap.evaluate` (the first `max_tokens` ids, non-overlapping `seq_len` windows, each from an
+empty context). Every next-token prediction counts once, with p = the model's distribution (for a model with
+N members, the mean of the members' softmax probabilities; N = 1 otherwise) and y the true token:
+
+- accuracy: argmax p == y;  nll: -log p_y;  brier: sum_v (p_v - [v = y])^2;  entropy: -sum_v p_v log p_v
+- ece: 10 equal-width confidence bins (confidence = max p): sum_b n_b / n * |accuracy_b - confidence_b|
+- disagreement: the fraction of members whose own top-1 differs from the ensemble's top-1 (0 for one model)
+- members: accuracy, nll and ece of each member alone
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import encode, read_text, windows
+from .errors import AttnswapError
+from .evaluate import require_causal_lm
+from .members import member_count, per_member
+from .surgery import _base
+
+BINS = 10
+CHUNK = 256  # positions per softmax block: bounds memory at N x CHUNK x vocab floats
+
+
+@dataclass
+class _Tally:
+    """Sums for accuracy, nll, ece over a stream of predictions."""
+
+    bins: int = BINS
+    n: int = 0
+    correct: float = 0.0
+    nll: float = 0.0
+    brier: float = 0.0
+    entropy: float = 0.0
+    bin_n: torch.Tensor = field(default=None)
+    bin_conf: torch.Tensor = field(default=None)
+    bin_acc: torch.Tensor = field(default=None)
+
+    def __post_init__(self):
+        self.bin_n = torch.zeros(self.bins, dtype=torch.float64)
+        self.bin_conf = torch.zeros(self.bins, dtype=torch.float64)
+        self.bin_acc = torch.zeros(self.bins, dtype=torch.float64)
+
+    def add(self, logp: torch.Tensor, y: torch.Tensor, full: bool = False) -> torch.Tensor:
+        """logp [P, V] log-probabilities, y [P]; returns the top-1 predictions."""
+        conf, pred = logp.max(-1)
+        conf = conf.exp()
+        hit = (pred == y).double()
+        logp_y = logp.gather(-1, y[:, None]).squeeze(-1)
+        self.n += y.numel()
+        self.correct += float(hit.sum())
+        self.nll += float(-logp_y.double().sum())
+        b = (conf.double() * self.bins).long().clamp_(0, self.bins - 1)
+        self.bin_n += torch.bincount(b, minlength=self.bins).double()
+        self.bin_conf += torch.bincount(b, weights=conf.double(), minlength=self.bins)
+        self.bin_acc += torch.bincount(b, weights=hit, minlength=self.bins)
+        if full:
+            p = logp.exp()
+            self.brier += float(((p * p).sum(-1) - 2 * logp_y.exp() + 1).double().sum())
+            self.entropy += float(-(p * logp).nan_to_num().sum(-1).double().sum())
+        return pred
+
+    def ece(self) -> float:
+        nz = self.bin_n > 0
+        gap = (self.bin_acc[nz] / self.bin_n[nz] - self.bin_conf[nz] / self.bin_n[nz]).abs()
+        return float((gap * self.bin_n[nz]).sum() / self.n)
+
+    def summary(self) -> dict:
+        return {"accuracy": self.correct / self.n, "nll": self.nll / self.n, "ece": self.ece()}
+
+    def reliability(self) -> list[dict]:
+        rows = []
+        for i in range(self.bins):
+            n = float(self.bin_n[i])
+            rows.append({"lo": i / self.bins, "hi": (i + 1) / self.bins, "count": int(n),
+                         "confidence": float(self.bin_conf[i] / n) if n else None,
+                         "accuracy": float(self.bin_acc[i] / n) if n else None})
+        return rows
+
+
+@torch.no_grad()
+def calibration(model, tokenizer, data: str, *, max_tokens: int | None = None, seq_len: int = 1024,
+                progress: bool = True, label: str = "model") -> dict:
+    """Accuracy, NLL, ECE, Brier, entropy, member disagreement (and per-member scores) on `data`."""
+    require_causal_lm(_base(model).config, label)
+    if seq_len < 2:
+        raise AttnswapError("--seq-len must be at least 2")
+    ids = encode(tokenizer, read_text(data))
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    rows = windows(ids, seq_len)
+    if len(rows) == 0:
+        raise AttnswapError(f"{data} has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
+    n = member_count(model)
+    device = next(model.parameters()).device
+    model.eval()
+    ens, members = _Tally(), [_Tally() for _ in range(n)]
+    disagree = 0.0
+    start = time.perf_counter()
+    bar = tqdm(total=len(rows), desc=f"calibration {label}", unit="win", disable=not progress, leave=False)
+    for row in rows:
+        batch = row[None].to(device)
+        with per_member(model):
+            logits = model(input_ids=batch).logits  # [N, T, V]
+        y = batch[0, 1:]
+        for s in range(0, seq_len - 1, CHUNK):
+            lp = torch.log_softmax(logits[:, s : min(s + CHUNK, seq_len - 1)].float(), dim=-1)  # [N, P, V]
+            yy = y[s : s + lp.shape[1]]
+            mean = torch.logsumexp(lp, dim=0) - torch.log(torch.tensor(float(n)))
+            top = ens.add(mean, yy, full=True)
+            for m in range(n):
+                own = members[m].add(lp[m], yy)
+                disagree += float((own != top).double().sum()) / n
+        bar.update(1)
+    bar.close()
+    return {
+        **ens.summary(),
+        "brier": ens.brier / ens.n,
+        "entropy": ens.entropy / ens.n,
+        "disagreement": disagree / ens.n,
+        "members": n,
+        "member_scores": [m.summary() for m in members] if n > 1 else [],
+        "reliability": ens.reliability(),
+        "bins": BINS,
+        "tokens": ens.n,
+        "windows": len(rows),
+        "seq_len": seq_len,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def reliability_plot(results: dict[str, dict], path) -> None:
+    """Reliability diagram (accuracy per confidence bin, with the diagonal) of one or more results, as PNG."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise AttnswapError("--plot needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.8))
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfect calibration")
+    for name, r in results.items():
+        pts = [(b["confidence"], b["accuracy"]) for b in r["reliability"] if b["count"]]
+        ax.plot(*zip(*pts), marker="o", label=f"{name} (ECE {r['ece']:.4f})")
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

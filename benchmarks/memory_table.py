@@ -5,7 +5,8 @@
 
 Every row is measured in this one run with the same text and keys. At budget 1.0 nothing is evicted and
 every scorer is the unpruned model (tests/test_memory.py checks it), so that row is measured once. Columns:
-perplexity of tokens score_from..context of the first `context` tokens of --data (fed in chunks of
+perplexity of tokens score_from..context of the first `context` tokens of --data (of each of --documents
+consecutive context-long stretches, pooled; fed in chunks of
 `interval`, evicting after each), passkey accuracy (a 5-digit key at each depth of --passkey-context
 tokens of filler, greedy answer), the kept fraction of the cache and its peak bytes during the perplexity
 run. Writes <out>.json and <out>.png.
@@ -32,6 +33,8 @@ def main():
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--score-from", type=int, default=1024)
     p.add_argument("--interval", type=int, default=256)
+    p.add_argument("--documents", type=int, default=1, help="perplexity pooled over this many consecutive "
+                   "context-long stretches of --data")
     p.add_argument("--budgets", default="0.5,0.25")
     p.add_argument("--scorers", default=",".join(SCORERS))
     p.add_argument("--namm-params", default=None, help="evolved parameters: adds 'namm (evolved)' rows")
@@ -54,7 +57,8 @@ def main():
         attnswap.revert(model)
         attnswap.convert(model, "memory", scorer=scorer, budget=budget, interval=a.interval, params=params)
         t0 = time.perf_counter()
-        ppl = long_context_perplexity(model, tok, a.data, context=a.context, score_from=a.score_from)
+        ppl = long_context_perplexity(model, tok, a.data, context=a.context, score_from=a.score_from,
+                                      documents=a.documents)
         key = passkey(model, tok, a.data, context=a.passkey_context, depths=depths, trials=a.trials)
         rows.append({"scorer": label, "budget": budget, "perplexity": ppl["perplexity"],
                      "passkey": key["accuracy"], "passkey_by_depth": key["by_depth"],
@@ -64,7 +68,7 @@ def main():
         print(f"{label:18s} budget {budget:4.2f}: ppl {r['perplexity']:8.3f}  passkey {r['passkey']:.2f} "
               f"{r['passkey_by_depth']}  kept {r['kept_fraction']:.3f}  peak {r['peak_cache_bytes']:,} B  "
               f"({r['seconds']} s)", flush=True)
-    print(f"\n| scorer | kept fraction | perplexity (tokens {a.score_from}..{a.context}) | passkey ({a.passkey_context} "
+    print(f"\n| scorer | kept fraction | perplexity (tokens {a.score_from}..{a.context}, {a.documents} doc.) | passkey ({a.passkey_context} "
           f"tokens, depths {a.depths}) | peak cache bytes |\n|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['scorer']} | {r['budget']} | {r['perplexity']:.3f} | {r['passkey']:.2f} | "

@@ -50,7 +50,8 @@ def model_card(name: str, section: dict | None, metrics: dict, recipe: str | Non
         lines.append("")
     ft = metrics.get("finetune")
     if ft:
-        lines += [f"Fine-tuned {ft['steps']} steps (LoRA r={ft['lora_r']}, lr={ft['lr']}, seq_len={ft['seq_len']}) "
+        trained = f"LoRA r={ft['lora_r']}" if ft["lora_r"] else "the variant's own parameters only"
+        lines += [f"Fine-tuned {ft['steps']} steps ({trained}, lr={ft['lr']}, seq_len={ft['seq_len']}) "
                   f"on {ft['data']}: mean loss of the first / last 10 steps {ft['loss_start_mean']} -> "
                   f"{ft['loss_end_mean']}, {ft['tokens']} tokens, "
                   f"world size {ft['world_size']}.", ""]

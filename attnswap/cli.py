@@ -244,6 +244,8 @@ def eval_memory(
     tasks: str = typer.Option("ppl,passkey", "--tasks", help="ppl, passkey or both"),
     context: int = typer.Option(8192, "--context", min=2, help="long-context perplexity: document length"),
     score_from: int = typer.Option(4096, "--score-from", min=1, help="long-context perplexity: first scored token"),
+    documents: int = typer.Option(1, "--documents", min=1, help="long-context perplexity: pooled over this many "
+                                                                "consecutive context-long stretches of --data"),
     passkey_context: int = typer.Option(4096, "--passkey-context", min=64, help="passkey: prompt length"),
     depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", "--depths", help="passkey: depths of the key"),
     trials: int = typer.Option(2, "--trials", min=1, help="passkey: keys per depth"),
@@ -273,9 +275,10 @@ def eval_memory(
     result = {"source": source, "options": model.config.attnswap["options"]}
     lines = []
     if "ppl" in chosen:
-        r = long_context_perplexity(model, tok, data, context=context, score_from=score_from)
+        r = long_context_perplexity(model, tok, data, context=context, score_from=score_from, documents=documents)
         result["ppl"] = r
-        lines.append(f"long-context perplexity {r['perplexity']:.4f} (tokens {score_from}..{context}), kept "
+        lines.append(f"long-context perplexity {r['perplexity']:.4f} (tokens {score_from}..{context} of {documents} "
+                     f"document{'s' if documents > 1 else ''}), kept "
                      f"{r['kept_fraction']:.3f}, peak cache {r['peak_cache_bytes']} bytes")
     if "passkey" in chosen:
         r = passkey(model, tok, data, context=passkey_context, depths=depth_list, trials=trials)

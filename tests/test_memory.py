@@ -237,6 +237,9 @@ def test_eval_memory_cli(tiny_dirs, capsys):
     assert full["ppl"]["kept_fraction"] == 1.0 and pruned["ppl"]["kept_fraction"] == 0.25
     assert pruned["ppl"]["peak_cache_bytes"] < full["ppl"]["peak_cache_bytes"]
     assert set(pruned["passkey"]) >= {"accuracy", "by_depth", "kept_fraction", "peak_cache_bytes"}
+    assert main(args + ["--scorer", "h2o", "--budget", "0.25", "--tasks", "ppl", "--documents", "2"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert two["ppl"]["predictions"] == 2 * pruned["ppl"]["predictions"] == 128
     assert main(args + ["--budget", "2"]) == 2
     assert "bad --budget" in capsys.readouterr().err
     assert main(args + ["--scorer", "nope"]) == 2

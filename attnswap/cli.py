@@ -210,7 +210,8 @@ def eval_calibration(
         tmp.replace(plot)
         result["plot"] = plot
     human = (f"{source} ({result['members']} member{'s' if result['members'] > 1 else ''}): accuracy "
-             f"{result['accuracy']:.4f}  nll {result['nll']:.4f}  ece {result['ece']:.4f}  brier {result['brier']:.4f}  "
+             f"{result['accuracy']:.4f}  nll {result['nll']:.4f}  ece {result['ece']:.4f} (noise floor "
+             f"{result['ece_floor']:.4f})  brier {result['brier']:.4f}  "
              f"entropy {result['entropy']:.4f}  disagreement {result['disagreement']:.4f}  "
              f"over {result['tokens']} predictions ({result['windows']} windows of {seq_len})")
     _emit(result, as_json, human)

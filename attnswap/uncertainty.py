@@ -8,6 +8,8 @@ N members, the mean of the members' softmax probabilities; N = 1 otherwise) and 
 - ece: 10 equal-width confidence bins (confidence = max p): sum_b n_b / n * |accuracy_b - confidence_b|
 - disagreement: the fraction of members whose own top-1 differs from the ensemble's top-1 (0 for one model)
 - members: accuracy, nll and ece of each member alone
+- ece_floor: the ECE a perfectly calibrated model would show with the same bin counts and confidences
+  (sampled): the finite-sample noise floor of `ece`
 """
 from __future__ import annotations
 
@@ -83,6 +85,20 @@ class _Tally:
         return rows
 
 
+def ece_floor(reliability: list[dict], samples: int = 2000, seed: int = 0) -> float:
+    """The ECE a perfectly calibrated model would show with these bins' counts and confidences, from sampling.
+
+    Each bin's hits are drawn as Binomial(count, mean confidence); the mean ECE over `samples` draws is the
+    finite-sample noise floor: measured ECEs near it cannot be told apart from perfect calibration.
+    """
+    rows = [b for b in reliability if b["count"]]
+    n = torch.tensor([float(b["count"]) for b in rows], dtype=torch.float64)
+    conf = torch.tensor([b["confidence"] for b in rows], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    hits = torch.binomial(n.expand(samples, -1).contiguous(), conf.expand(samples, -1).contiguous(), generator=g)
+    return float(((hits / n - conf).abs() * n).sum(-1).mean() / n.sum())
+
+
 @torch.no_grad()
 def calibration(model, tokenizer, data: str, *, max_tokens: int | None = None, seq_len: int = 1024,
                 progress: bool = True, label: str = "model") -> dict:
@@ -125,6 +141,7 @@ def calibration(model, tokenizer, data: str, *, max_tokens: int | None = None, s
         "disagreement": disagree / ens.n,
         "members": n,
         "member_scores": [m.summary() for m in members] if n > 1 else [],
+        "ece_floor": ece_floor(ens.reliability()),
         "reliability": ens.reliability(),
         "bins": BINS,
         "tokens": ens.n,

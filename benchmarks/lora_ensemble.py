@@ -8,7 +8,8 @@ LoRA of rank r on q/k/v/o, PEFT's initialisation) and fine-tunes it with `attnsw
 windows of --data (same order, seed, lr, schedule, steps x batch x seq-len tokens). With --batch-mode split the
 N members share each batch (member m trains on row m of every step's N rows), so every arm sees the same tokens
 and spends the same backbone compute; with repeat every member sees the whole batch (N times the compute).
-Each model is then scored by `attnswap.uncertainty.calibration` on the foundation's protocol (wikitext2-test,
+Each model is then scored by `attnswap.uncertainty.calibration` (ece_floor: the ECE a perfectly calibrated model
+would show with the same bin counts, i.e. the noise floor of ece) on the foundation's protocol (wikitext2-test,
 16,384 tokens, windows of 1,024). Prints a table; writes <out>.json (rows added as arms finish, so arms can run
 in separate calls) and <out>.png (reliability diagrams).
 """
@@ -22,9 +23,9 @@ from pathlib import Path
 import attnswap
 from attnswap.config import FinetuneConfig
 from attnswap.train import finetune
-from attnswap.uncertainty import calibration, reliability_plot
+from attnswap.uncertainty import calibration, ece_floor, reliability_plot
 
-METRICS = ("accuracy", "nll", "ece", "brier", "entropy", "disagreement")
+METRICS = ("accuracy", "nll", "ece", "ece_floor", "brier", "entropy", "disagreement")
 
 
 def members_of(arm: str) -> int | None:
@@ -42,13 +43,14 @@ def table(rows: list[dict]) -> str:
              "|---|---:|---:|---:|---|" + "---:|" * len(METRICS)]
     for r in rows:
         c, t = r["calibration"], r.get("train") or {}
+        c.setdefault("ece_floor", ece_floor(c["reliability"]))
         loss = f"{t['loss_start_mean']:.4f} / {t['loss_end_mean']:.4f}" if t else "-"
         lines.append(f"| {r['arm']} | {c['members']} | {t.get('seconds', '-')} | {t.get('tokens', '-')} | {loss} | "
                      + " | ".join(f"{c[m]:.4f}" for m in METRICS) + " |")
     for r in rows:
         for i, m in enumerate(r["calibration"].get("member_scores", [])):
             lines.append(f"| {r['arm']} member {i} | 1 | | | | {m['accuracy']:.4f} | {m['nll']:.4f} | {m['ece']:.4f} "
-                         "| | | |")
+                         "| | | | |")
     return "\n".join(lines)
 
 

@@ -230,6 +230,17 @@ def test_calibration_metrics_equal_their_definitions():
     assert t.summary()["accuracy"] == hit.mean().item()
 
 
+def test_ece_floor_is_the_expected_ece_of_a_calibrated_model():
+    from attnswap.uncertainty import ece_floor
+
+    # one bin of 100 predictions at confidence 0.5: E|Binomial(100, 0.5) / 100 - 0.5| = 50 C(100, 50) / 2^100 / 100
+    exact = 50 * math.comb(100, 50) / 2**100 / 100
+    assert abs(ece_floor([{"count": 100, "confidence": 0.5}], samples=20000) - exact) <= 1e-3
+    small = [{"count": 100, "confidence": c} for c in (0.2, 0.5, 0.9)]
+    big = [{"count": 10000, "confidence": c} for c in (0.2, 0.5, 0.9)]
+    assert ece_floor(big) < ece_floor(small) / 5  # shrinks as 1 / sqrt(n)
+
+
 def test_eval_calibration_cli_single_and_ensemble(tiny_dirs, tmp_path, capsys):
     from attnswap.cli import main
     from attnswap.evaluate import perplexity

@@ -89,8 +89,14 @@ class MemberAxis:
 
 def mean_distribution(logits: torch.Tensor, members: int) -> torch.Tensor:
     """[N*B, ...] member logits -> [B, ...] log of the members' mean softmax probabilities."""
-    per = logits.float().reshape(members, -1, *logits.shape[1:])
-    out = torch.logsumexp(torch.log_softmax(per, dim=-1), dim=0) - math.log(members)
+    per = torch.log_softmax(logits.float().reshape(members, -1, *logits.shape[1:]), dim=-1)
+    if members == 1:
+        return per[0].to(logits.dtype)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return (torch.logsumexp(per, dim=0) - math.log(members)).to(logits.dtype)
+    # no autograd: the same logsumexp in place (the [N, B, T, vocab] block is the big allocation here)
+    top = per.amax(dim=0)
+    out = per.sub_(top).exp_().sum(dim=0).log_().add_(top).sub_(math.log(members))
     return out.to(logits.dtype)
 
 

@@ -57,6 +57,16 @@ def test_one_member_with_b_zero_equals_the_original(tiny_dirs, name):
         assert (got - torch.log_softmax(ref, -1)).abs().max() <= 1e-5
 
 
+def test_smollm2_members_start_as_the_original(smollm2_dir):
+    model = attnswap.load_model(smollm2_dir)
+    ids = sample_ids(model.config.vocab_size, batch=1, length=64)
+    ref = outputs(model, ids)
+    attnswap.convert(model, "lora-ensemble", members=2)
+    per = _raw(model, ids)
+    assert (per - ref.expand_as(per)).abs().max() <= 1e-5  # B = 0: both members are the original
+    assert (outputs(model, ids) - torch.log_softmax(ref, -1)).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
 def test_batched_members_equal_separate_single_member_forwards(tiny_dirs, name):
     original = attnswap.load_model(tiny_dirs[name])

@@ -34,9 +34,8 @@ def window_nll(model, batch: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, batch[:, 1:, None]).squeeze(-1).sum(-1)
 
 
-def perplexity(model, tokenizer, data: str, *, max_tokens: int | None = None, seq_len: int = 1024,
-               batch_size: int = 1, progress: bool = True, label: str = "model") -> dict:
-    """Evaluate `model` on `data` (a text file path or a named dataset) under the protocol above."""
+def protocol_windows(model, tokenizer, data: str, max_tokens: int | None, seq_len: int, label: str) -> torch.Tensor:
+    """Steps 1-4 of the protocol: the [n, seq_len] windows of `data` a causal `model` is scored on."""
     require_causal_lm(_base(model).config, label)
     if seq_len < 2:
         raise AttnswapError("--seq-len must be at least 2")
@@ -46,6 +45,13 @@ def perplexity(model, tokenizer, data: str, *, max_tokens: int | None = None, se
     rows = windows(ids, seq_len)
     if len(rows) == 0:
         raise AttnswapError(f"{data} has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
+    return rows
+
+
+def perplexity(model, tokenizer, data: str, *, max_tokens: int | None = None, seq_len: int = 1024,
+               batch_size: int = 1, progress: bool = True, label: str = "model") -> dict:
+    """Evaluate `model` on `data` (a text file path or a named dataset) under the protocol above."""
+    rows = protocol_windows(model, tokenizer, data, max_tokens, seq_len, label)
     device = next(model.parameters()).device
     model.eval()
     total, start = 0.0, time.perf_counter()

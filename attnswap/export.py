@@ -77,11 +77,11 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, merge_lora: boo
     if member is not None:
         from .members import extract_member, member_count
 
-        section = getattr(model.config, "attnswap", None) or {}
+        ensemble = dict(getattr(model.config, "attnswap", None) or {})  # extract_member removes the section
         n = member_count(model)
         model = extract_member(model, member)
-        origin = (f"Member {member} of {n} of the `{section.get('variant')}` model `{source}` "
-                  f"(options `{json.dumps(section.get('options'), sort_keys=True)}`), merged into the weights.")
+        origin = (f"Member {member} of {n} of the `{ensemble.get('variant')}` model `{source}` "
+                  f"(options `{json.dumps(ensemble.get('options'), sort_keys=True)}`), merged into the weights.")
     model = model.to(DTYPES[dtype])
     tokenizer = load_tokenizer(source)
     metrics = read_metrics(src_dir) if src_dir else {}

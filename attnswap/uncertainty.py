@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .data import encode, read_text, windows
 from .errors import AttnswapError
-from .evaluate import require_causal_lm
+from .evaluate import protocol_windows
 from .members import member_count, per_member
-from .surgery import _base
 
 BINS = 10
 CHUNK = 256  # positions per softmax block: bounds memory at N x CHUNK x vocab floats
@@ -39,9 +37,9 @@ class _Tally:
     nll: float = 0.0
     brier: float = 0.0
     entropy: float = 0.0
-    bin_n: torch.Tensor = field(default=None)
-    bin_conf: torch.Tensor = field(default=None)
-    bin_acc: torch.Tensor = field(default=None)
+    bin_n: torch.Tensor = field(init=False)
+    bin_conf: torch.Tensor = field(init=False)
+    bin_acc: torch.Tensor = field(init=False)
 
     def __post_init__(self):
         self.bin_n = torch.zeros(self.bins, dtype=torch.float64)
@@ -103,15 +101,7 @@ def ece_floor(reliability: list[dict], samples: int = 2000, seed: int = 0) -> fl
 def calibration(model, tokenizer, data: str, *, max_tokens: int | None = None, seq_len: int = 1024,
                 progress: bool = True, label: str = "model") -> dict:
     """Accuracy, NLL, ECE, Brier, entropy, member disagreement (and per-member scores) on `data`."""
-    require_causal_lm(_base(model).config, label)
-    if seq_len < 2:
-        raise AttnswapError("--seq-len must be at least 2")
-    ids = encode(tokenizer, read_text(data))
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    rows = windows(ids, seq_len)
-    if len(rows) == 0:
-        raise AttnswapError(f"{data} has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
+    rows = protocol_windows(model, tokenizer, data, max_tokens, seq_len, label)
     n = member_count(model)
     device = next(model.parameters()).device
     model.eval()

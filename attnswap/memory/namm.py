@@ -104,4 +104,5 @@ class NAMM(Scorer):
         age = (layer.seen - layer.pos).clamp_min(0)
         x = torch.cat([torch.log(ema + 1e-8), recency(age)], dim=-1)
         x = standardise(x, layer.valid)
-        return network(self.variant.namm_params, x, layer.pos, layer.valid)
+        score = network(self.variant.namm_params, x, layer.pos, layer.valid)
+        return score.masked_fill(age < N_FFT, torch.inf)  # younger than one STFT window: no full frame yet, kept

@@ -155,6 +155,20 @@ def test_namm_runs_free_and_capped(tiny_dirs):
         _fill(model, ids, scorer="h2o", budget=None)
 
 
+def test_namm_keeps_entries_younger_than_one_stft_window(tiny_dirs):
+    """Entries younger than n_fft (32) tokens have no full spectrogram frame: namm keeps them at any budget."""
+    from attnswap.memory.namm import N_FFT
+
+    model = attnswap.load_model(tiny_dirs["llama"])
+    ids = sample_ids(model.config.vocab_size, batch=1, length=128)
+    layer = _fill(model, ids, scorer="namm", budget=0.3, interval=64).layers[0]
+    assert layer.kept_trace[-1] == (128, 39 / 128)  # ceil(0.3 x 128) per head
+    for head in range(layer.pos.shape[1]):
+        kept = set(layer.pos[0, head].tolist())
+        assert set(range(128 - N_FFT + 1, 128)) <= kept  # ages 1..31
+        assert len(kept - set(range(128 - N_FFT + 1, 128))) == 39 - (N_FFT - 1)
+
+
 def test_cmaes_converges_on_known_functions():
     shift = np.linspace(-2, 2, 20)
     es = CMAES(np.zeros(20), 1.0, seed=0)

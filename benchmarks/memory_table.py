@@ -26,6 +26,10 @@ from attnswap.memory.tasks import long_context_perplexity, passkey
 SCORERS = ["streaming", "h2o", "tova", "snapkv", "knorm", "random", "namm"]
 
 
+def _fmt(x):
+    return "-" if x is None else f"{x:.2f}"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -38,6 +42,7 @@ def main():
     p.add_argument("--budgets", default="0.5,0.25")
     p.add_argument("--scorers", default=",".join(SCORERS))
     p.add_argument("--namm-params", default=None, help="evolved parameters: adds 'namm (evolved)' rows")
+    p.add_argument("--tasks", default="ppl,passkey", help="ppl, passkey or both")
     p.add_argument("--passkey-context", type=int, default=1024)
     p.add_argument("--depths", default="0.1,0.5,0.9")
     p.add_argument("--trials", type=int, default=1)
@@ -59,20 +64,24 @@ def main():
         t0 = time.perf_counter()
         ppl = long_context_perplexity(model, tok, a.data, context=a.context, score_from=a.score_from,
                                       documents=a.documents)
-        key = passkey(model, tok, a.data, context=a.passkey_context, depths=depths, trials=a.trials)
+        key = {"accuracy": None, "by_depth": {}}
+        if "passkey" in a.tasks:
+            key = passkey(model, tok, a.data, context=a.passkey_context, depths=depths, trials=a.trials)
         rows.append({"scorer": label, "budget": budget, "perplexity": ppl["perplexity"],
                      "passkey": key["accuracy"], "passkey_by_depth": key["by_depth"],
                      "kept_fraction": ppl["kept_fraction"], "peak_cache_bytes": ppl["peak_cache_bytes"],
                      "seconds": round(time.perf_counter() - t0, 1)})
         r = rows[-1]
-        print(f"{label:18s} budget {budget:4.2f}: ppl {r['perplexity']:8.3f}  passkey {r['passkey']:.2f} "
+        print(f"{label:18s} budget {budget:4.2f}: ppl {r['perplexity']:8.3f}  passkey {_fmt(r['passkey'])} "
               f"{r['passkey_by_depth']}  kept {r['kept_fraction']:.3f}  peak {r['peak_cache_bytes']:,} B  "
               f"({r['seconds']} s)", flush=True)
     print(f"\n| scorer | kept fraction | perplexity (tokens {a.score_from}..{a.context}, {a.documents} doc.) | passkey ({a.passkey_context} "
           f"tokens, depths {a.depths}) | peak cache bytes |\n|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['scorer']} | {r['budget']} | {r['perplexity']:.3f} | {r['passkey']:.2f} | "
+        print(f"| {r['scorer']} | {r['budget']} | {r['perplexity']:.3f} | {_fmt(r['passkey'])} | "
               f"{r['peak_cache_bytes']:,} |")
+    if "passkey" not in a.tasks:
+        print("(passkey not measured: --tasks ppl)")
     if a.out:
         info = {"device": f"CPU, {torch.get_num_threads()} threads", "torch": torch.__version__, "args": vars(a)}
         Path(a.out).with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))

@@ -306,6 +306,8 @@ def evolve(
                                                                 "over (more generalise better, cost more)"),
     trials: int = typer.Option(1, "--trials", min=1, help="passkey: keys per depth"),
     seed: int = typer.Option(0, "--seed", help="CMA-ES seed"),
+    init: Optional[str] = typer.Option(None, "--init", help="start from this namm parameters file (a vector "
+                                                            "evolved before) instead of the default vector"),
     out: str = typer.Option(..., "--out", help="run directory (evolve.json, namm.safetensors)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in OUT"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
@@ -328,7 +330,8 @@ def evolve(
     if task == "ppl" and score_from >= context:
         raise AttnswapError(f"--score-from {score_from} must be below --context {context}")
     r = do_evolve(model, load_tokenizer(source), task=task, data=data, out=out, generations=generations,
-                  population=population, sigma=sigma, seed=seed, resume=resume, force=force, task_kw=task_kw)
+                  population=population, sigma=sigma, seed=seed, resume=resume, force=force, task_kw=task_kw,
+                  init=init)
     _emit(r, as_json, f"evolved {r['generations']} generations ({r['evaluations']} evaluations): best "
                       f"{r['best']:.5f} (start {r['history'][0]['best']:.5f}) -> {r['params']}")
 

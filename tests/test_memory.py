@@ -220,6 +220,26 @@ def test_evolution_resumes_to_the_same_result(tiny_dirs, tiny_tokenizer, tmp_pat
         _evolve(model, tiny_tokenizer, tmp_path / "a", 3)
 
 
+def test_evolution_starts_from_an_init_vector(tiny_dirs, tiny_tokenizer, tmp_path):
+    """--init: generation 0 is the given vector's fitness; a missing file is refused before anything is written."""
+    from attnswap.memory.evolve import evolve, fitness
+
+    model = attnswap.load_model(tiny_dirs["llama"])
+    attnswap.convert(model, "memory", scorer="namm", budget=0.25, interval=16)
+    first = _evolve(model, tiny_tokenizer, tmp_path / "a", 2)
+    kw = {"context": 96, "score_from": 48}
+    again = evolve(model, tiny_tokenizer, task="ppl", data=str(WIKI_TEST), out=tmp_path / "b", generations=1,
+                   population=4, sigma=0.5, progress=False, task_kw=kw, init=first["params"])
+    assert again["history"][0]["start"] == first["best"]  # the same vector, the same (deterministic) fitness
+    assert again["best"] <= first["best"]
+    theta = attnswap.variants.memory.load_params(first["params"]).double().numpy()
+    assert fitness(model, tiny_tokenizer, "ppl", str(WIKI_TEST), theta, **kw)[0] == first["best"]
+    with pytest.raises(attnswap.AttnswapError, match="not found"):
+        evolve(model, tiny_tokenizer, task="ppl", data=str(WIKI_TEST), out=tmp_path / "c", generations=1,
+               population=4, progress=False, task_kw=kw, init=tmp_path / "missing.safetensors")
+    assert not (tmp_path / "c").exists()
+
+
 def test_evolved_parameters_load_and_travel_with_the_checkpoint(tiny_dirs, tiny_tokenizer, tmp_path):
     from safetensors.torch import save_file
 

@@ -21,6 +21,7 @@ from ..checkpoint import check_out
 from ..errors import AttnswapError
 from ..surgery import variant_modules
 from .cmaes import CMAES
+from ..variants.memory import load_params
 from .namm import default_params
 from .tasks import long_context_perplexity, passkey
 
@@ -50,8 +51,10 @@ def _write_json(path: Path, obj) -> None:
 
 def evolve(model, tokenizer, *, task: str, data: str, out: str | os.PathLike, generations: int, population: int,
            sigma: float = 0.1, seed: int = 0, resume: bool = False, force: bool = False, progress: bool = True,
-           task_kw: dict | None = None, log=None) -> dict:
-    """Run CMA-ES over the namm parameters of a model converted to `memory` with scorer namm."""
+           task_kw: dict | None = None, log=None, init: str | os.PathLike | None = None) -> dict:
+    """Run CMA-ES over the namm parameters of a model converted to `memory` with scorer namm, starting from
+    `namm.default_params()` or from the parameters file `init` (incremental evolution: a vector evolved on
+    one setting, refined on another, as the NAMM paper does between its stages)."""
     if task not in TASKS:
         raise AttnswapError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
     variants = list(variant_modules(model).values())
@@ -59,7 +62,8 @@ def evolve(model, tokenizer, *, task: str, data: str, out: str | os.PathLike, ge
         raise AttnswapError("evolve needs a model converted to 'memory' with scorer namm")
     out = Path(out)
     settings = {"task": task, "data": data, "population": population, "sigma": sigma, "seed": seed,
-                "options": variants[0].options.model_dump(mode="json"), "task_kw": task_kw or {}}
+                "options": variants[0].options.model_dump(mode="json"), "task_kw": task_kw or {},
+                "init": None if init is None else str(init)}
     if resume:
         if not (out / STATE).is_file():
             raise AttnswapError(f"nothing to resume: no {STATE} in {out}")
@@ -69,11 +73,11 @@ def evolve(model, tokenizer, *, task: str, data: str, out: str | os.PathLike, ge
             raise AttnswapError(f"--resume with different {', '.join(changed)} than the run in {out}")
         es, history = CMAES.from_state(saved["cmaes"]), saved["history"]
     else:
+        x0 = (default_params() if init is None else load_params(init)).double().numpy()
         check_out(out, force)
         out.mkdir(parents=True, exist_ok=True)
         for name in (STATE, PARAMS):
             (out / name).unlink(missing_ok=True)
-        x0 = default_params().double().numpy()
         es = CMAES(x0, sigma, popsize=population, seed=seed)
         es.best_f, es.best_x = fitness(model, tokenizer, task, data, x0, **(task_kw or {}))[0], x0.copy()
         history = [{"generation": 0, "best": es.best_f, "start": es.best_f}]

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from ..checkpoint import check_out
 from ..errors import AttnswapError
 from ..surgery import variant_modules
-from .cmaes import CMAES
 from ..variants.memory import load_params
+from .cmaes import CMAES
 from .namm import default_params
 from .tasks import long_context_perplexity, passkey
 

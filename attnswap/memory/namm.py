@@ -11,7 +11,9 @@ log(EMA) and the recency embedding (25 values) are standardised over the head's 
 tiny network shared by every layer and head: a linear embedding (25 -> 8), one backward-masked attention
 (each entry attends to the entries written at or after it, so it can tell whether it has been superseded),
 an MLP (8 -> 8 -> 1) and a linear read-out of the input added to it. Score <= 0 means evict (free mode);
-with a budget the best-scored entries are kept. The 506 parameters form one flat vector, the search space
+with a budget the best-scored entries are kept. Entries younger than n_fft (32 tokens) have received
+attention in at most one, Hann-windowed, frame, so their spectrogram says nothing yet: they are kept (the
+role of h2o's and snapkv's recent window). The 506 parameters form one flat vector, the search space
 of CMA-ES. The default vector scores by the spectrogram's DC term (the EMA of received attention) alone;
 the rest starts as small seeded random weights with a zero output, for the evolution to use.
 """

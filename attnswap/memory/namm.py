@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .scorers import Scorer, register
+from .scorers import Scorer, _protect_recent, register
 
 N_FFT, HOP, EMA, FREQS, RECENCY, HIDDEN = 32, 16, 0.99, 17, 8, 8
 IN = FREQS + RECENCY
@@ -107,4 +107,4 @@ class NAMM(Scorer):
         x = torch.cat([torch.log(ema + 1e-8), recency(age)], dim=-1)
         x = standardise(x, layer.valid)
         score = network(self.variant.namm_params, x, layer.pos, layer.valid)
-        return score.masked_fill(age < N_FFT, torch.inf)  # younger than one STFT window: no full frame yet, kept
+        return _protect_recent(score, layer, N_FFT - 1)  # ages 1..31: no full STFT frame yet, kept

@@ -1,47 +1,15 @@
-"""Writing checkpoints safely: to a temporary directory beside the target, renamed into place."""
+"""Writing and reading checkpoint directories; how they reach the disk safely is `outputs.writing`."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from . import outputs
 from .errors import AttnswapError
-
-
-def check_out(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse an existing output unless forced. Call before any work, so nothing runs for nothing."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise AttnswapError(f"output '{out}' already exists; pass --force to overwrite it")
-    if out.exists() and not out.is_dir():
-        raise AttnswapError(f"output '{out}' exists and is not a directory")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, force: bool = False):
-    """Yield a temp dir; on success it replaces `out` in one rename, on failure it is removed."""
-    out = check_out(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _plain_state_dict(peft_model) -> dict:
@@ -63,13 +31,27 @@ def write_model(model: nn.Module, directory: Path, tokenizer=None, max_shard_siz
 
 
 def save(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, force: bool = False,
-         files: dict[str, str] | None = None) -> Path:
-    """Write a loadable checkpoint directory (safetensors + config.json with the `attnswap` section)."""
-    with atomic_dir(out, force) as tmp:
+         files: dict[str, str] | None = None, protect=(), label: str = "save") -> Path:
+    """Write a loadable checkpoint directory (safetensors + config.json with the `attnswap` section), whole
+    or not at all: built beside `out` and swapped in (`outputs.writing`); `force` replaces only an output
+    attnswap wrote. `protect`: inputs `out` may not be or contain (`outputs.inputs`)."""
+    check_finite(model)
+    with outputs.writing(out, force=force, protect=protect, label=label) as tmp:
         write_model(model, tmp, tokenizer)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
-    return Path(out)
+    return outputs.user_path(out)
+
+
+def check_finite(model: nn.Module, what: str = "the model") -> None:
+    """Refuse to save non-finite weights: a checkpoint that loads is a checkpoint that works."""
+    import torch
+
+    from .errors import NumericalError
+
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NumericalError(f"{what} has non-finite values in '{name}'; nothing was written")
 
 
 def read_metrics(directory: str | os.PathLike) -> dict:

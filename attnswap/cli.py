@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -24,7 +25,7 @@ def opt(config: type, name: str, *, extra_help: str = ""):
     field = config.model_fields[name]
     default = ... if field.is_required() else field.default
     return typer.Option(default, "--" + name.replace("_", "-"), help=(field.description or "") + extra_help)
-FORCE_HELP = "overwrite an existing output directory"
+FORCE_HELP = "replace an existing output directory (only one attnswap wrote, holding no other files)"
 
 
 def _emit(result: dict, as_json: bool, human: str) -> None:
@@ -33,6 +34,37 @@ def _emit(result: dict, as_json: bool, human: str) -> None:
         typer.echo(human, err=as_json)
     if as_json:
         typer.echo(json.dumps(result, default=str))
+
+
+def _path(value):
+    """A path option as the user meant it: `~` expanded (the shell leaves `--out=~/x` and a quoted '~' alone)."""
+    from .outputs import user_path
+
+    return None if value is None else str(user_path(value))
+
+
+def _finite(value):
+    """Typer callback: refuse inf / nan in a float option at the edge."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+ALLOW_LONG_HELP = "allow --seq-len beyond the model's maximum positions (rotary models; outputs past them are not meaningful)"
+
+
+def _require_finite(what: str, **numbers) -> None:
+    """An evaluation that yields NaN/inf is a failure (exit 3), not a result."""
+    import math
+
+    from .errors import NumericalError
+
+    bad = {k: v for k, v in numbers.items() if not math.isfinite(v)}
+    if bad:
+        raise NumericalError(f"{what} gave non-finite {', '.join(f'{k} {v}' for k, v in bad.items())}: the model "
+                             "gives non-finite logits; check its weights (a diverged fine-tune, an fp16 overflow)")
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -119,25 +151,32 @@ def convert(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Swap the attention of SOURCE for a variant and write a loadable checkpoint directory."""
-    from .checkpoint import check_out, save
+    from . import outputs
+    from .checkpoint import save
     from .data import check_data
-    from .models import load_config, load_model, load_tokenizer
+    from .models import check_positions, load_config, load_model, load_tokenizer
     from .surgery import convert as do_convert
     from .variants.registry import get_variant
     from .arch import adapter_for
 
+    out, calibration = _path(out), _path(calibration)
     options = parse_sets(sets)
     cfg = _config(ConvertConfig, variant=to, options=options, layers=layers, calibration=calibration,
                   calibration_tokens=calibration_tokens, calibration_seq_len=calibration_seq_len, seed=seed)
-    check_out(out, force)
+    guards = outputs.inputs(source, calibration=calibration)
+    outputs.check_out(out, force, guards)
     if calibration:
         check_data(calibration)
+    config = load_config(source)
     cls = get_variant(to)
-    cls.check_supported(adapter_for(load_config(source)), cls.parse_options(options))
-    tokenizer = load_tokenizer(source)
-    model = load_model(source)
-    do_convert(model, to, layers=layers, calibration=cfg.calibration_for(tokenizer), **options)
-    save(model, out, tokenizer=tokenizer, force=force)
+    cls.check_supported(adapter_for(config), cls.parse_options(options))
+    if calibration:
+        check_positions(config, min(cfg.calibration_seq_len, cfg.calibration_tokens), "--calibration-seq-len")
+    with outputs.claim(out, force=force, protect=guards):
+        tokenizer = load_tokenizer(source)
+        model = load_model(source)
+        do_convert(model, to, layers=layers, calibration=cfg.calibration_for(tokenizer), **options)
+        save(model, out, tokenizer=tokenizer, force=force, protect=guards, label="convert")
     section = model.config.attnswap
     new = sum(p.numel() for n, p in model.named_parameters() if ".attnswap." in n)
     result = {"out": out, "variant": to, "options": section["options"], "layers": section["layers"],
@@ -152,21 +191,26 @@ def eval_perplexity(
     data: str = opt(EvalConfig, "data"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help=field_help(EvalConfig, "max_tokens") + " (default: all)"),
     seq_len: int = opt(EvalConfig, "seq_len"),
-    batch_size: int = typer.Option(1, "--batch-size", help="windows per forward pass"),
+    batch_size: int = opt(EvalConfig, "batch_size"),
     compare: Optional[str] = typer.Option(None, "--compare", help="also evaluate this original model; report the ratio"),
+    allow_long: bool = typer.Option(False, "--allow-long", help=ALLOW_LONG_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Perplexity under the fixed protocol of docs/evaluation.md."""
     from .data import check_data
     from .evaluate import perplexity, require_causal_lm
-    from .models import load_config, load_model, load_tokenizer
+    from .models import check_fits, check_positions, load_config, load_model, load_tokenizer
 
-    cfg = EvalConfig(data=data, max_tokens=max_tokens, seq_len=seq_len)
+    cfg = _config(EvalConfig, data=_path(data), max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
+                  allow_long=allow_long)
     check_data(cfg.data)
     for s in [source] + ([compare] if compare else []):
-        require_causal_lm(load_config(s), s)
+        config = load_config(s)
+        require_causal_lm(config, s)
+        check_positions(config, cfg.seq_len, allow_long=cfg.allow_long)
+        check_fits(config, cfg.batch_size, cfg.seq_len)
     tokenizer = load_tokenizer(source)
-    kw = dict(max_tokens=cfg.max_tokens, seq_len=cfg.seq_len, batch_size=batch_size)
+    kw = dict(max_tokens=cfg.max_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
     result = perplexity(load_model(source, merge_lora=True), tokenizer, cfg.data, label=source, **kw)
     human = f"{source}: perplexity {result['perplexity']:.4f} over {result['tokens']} predictions ({result['windows']} windows of {seq_len})"
     if compare:
@@ -191,23 +235,30 @@ def eval_calibration(
 
     from .data import check_data
     from .evaluate import require_causal_lm
-    from .models import load_config, load_model, load_tokenizer
+    from .models import check_fits, check_positions, load_config, load_model, load_tokenizer
     from .uncertainty import calibration, reliability_plot
 
-    cfg = EvalConfig(data=data, max_tokens=max_tokens, seq_len=seq_len)
+    cfg = _config(EvalConfig, data=_path(data), max_tokens=max_tokens, seq_len=seq_len)
     check_data(cfg.data)
+    plot = _path(plot)
     if plot is not None:
         if not plot.endswith(".png"):
             raise AttnswapError(f"--plot '{plot}': give a .png file name")
         if Path(plot).exists() and not force:
             raise AttnswapError(f"--plot '{plot}' already exists; pass --force to overwrite it")
-    require_causal_lm(load_config(source), source)
+        if Path(plot).is_dir():
+            raise AttnswapError(f"--plot '{plot}' is a directory; give a .png file name")
+    config = load_config(source)
+    require_causal_lm(config, source)
+    check_positions(config, cfg.seq_len)
+    check_fits(config, 1, cfg.seq_len)
     result = calibration(load_model(source, merge_lora=True), load_tokenizer(source), cfg.data,
                          max_tokens=cfg.max_tokens, seq_len=cfg.seq_len, label=source)
+    _require_finite(f"eval calibration of {source}", nll=result["nll"], ece=result["ece"])
     if plot is not None:
-        tmp = Path(plot).with_name(f".{Path(plot).name}.tmp.png")
-        reliability_plot({source: result}, tmp)
-        tmp.replace(plot)
+        from .outputs import write_file
+
+        write_file(Path(plot), lambda tmp: reliability_plot({source: result}, tmp))
         result["plot"] = plot
     human = (f"{source} ({result['members']} member{'s' if result['members'] > 1 else ''}): accuracy "
              f"{result['accuracy']:.4f}  nll {result['nll']:.4f}  ece {result['ece']:.4f} (noise floor "
@@ -257,8 +308,9 @@ def eval_memory(
     from .evaluate import require_causal_lm
     from .memory import memory_model
     from .memory.tasks import long_context_perplexity, passkey
-    from .models import load_config, load_tokenizer
+    from .models import check_positions, load_config, load_tokenizer
 
+    data, params = _path(data), _path(params)
     check_data(data)
     chosen = [t.strip() for t in tasks.split(",") if t.strip()]
     bad = [t for t in chosen if t not in ("ppl", "passkey")]
@@ -270,13 +322,19 @@ def eval_memory(
         depth_list = [float(d) for d in depths.split(",")]
     except ValueError:
         raise AttnswapError(f"bad --depths '{depths}': use fractions like 0.1,0.5,0.9") from None
-    require_causal_lm(load_config(source), source)
+    if not all(0 <= d <= 1 for d in depth_list):
+        raise AttnswapError(f"bad --depths '{depths}': each depth is a fraction in [0, 1]")
+    config = load_config(source)
+    require_causal_lm(config, source)
+    check_positions(config, max(context if "ppl" in chosen else 0, passkey_context if "passkey" in chosen else 0),
+                    "--context" if "ppl" in chosen and context >= passkey_context else "--passkey-context")
     model = memory_model(source, scorer, _budget(budget), interval, params)
     tok = load_tokenizer(source)
     result = {"source": source, "options": model.config.attnswap["options"]}
     lines = []
     if "ppl" in chosen:
         r = long_context_perplexity(model, tok, data, context=context, score_from=score_from, documents=documents)
+        _require_finite(f"eval memory of {source}", perplexity=r["perplexity"])
         result["ppl"] = r
         lines.append(f"long-context perplexity {r['perplexity']:.4f} (tokens {score_from}..{context} of {documents} "
                      f"document{'s' if documents > 1 else ''}), kept "
@@ -299,7 +357,7 @@ def evolve(
     population: int = typer.Option(8, "--population", min=2, help="candidates per generation"),
     budget: Optional[str] = typer.Option("0.25", "--budget", help="kept fraction while evolving, or 'free'"),
     interval: int = typer.Option(512, "--interval", min=1, help="evict every N tokens"),
-    sigma: float = typer.Option(0.1, "--sigma", min=1e-6, help="CMA-ES initial step size"),
+    sigma: float = typer.Option(0.1, "--sigma", min=1e-6, callback=_finite, help="CMA-ES initial step size"),
     context: int = typer.Option(4096, "--context", min=2, help="ppl: document length; passkey: prompt length"),
     score_from: int = typer.Option(2048, "--score-from", min=1, help="ppl: first scored token"),
     documents: int = typer.Option(1, "--documents", min=1, help="ppl: consecutive documents the fitness averages "
@@ -309,7 +367,7 @@ def evolve(
     init: Optional[str] = typer.Option(None, "--init", help="start from this namm parameters file (a vector "
                                                             "evolved before) instead of the default vector"),
     out: str = typer.Option(..., "--out", help="run directory (evolve.json, namm.safetensors)"),
-    resume: bool = typer.Option(False, "--resume", help="continue the run in OUT"),
+    resume: bool = typer.Option(False, "--resume", help="continue the interrupted (or finished) run of OUT"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
@@ -318,20 +376,33 @@ def evolve(
     from .evaluate import require_causal_lm
     from .memory import memory_model
     from .memory.evolve import evolve as do_evolve
-    from .models import load_config, load_tokenizer
+    from .models import check_positions, load_config, load_tokenizer
+
+    from . import outputs
+    from .memory.evolve import TASKS
 
     if scorer != "namm":
         raise AttnswapError(f"only the namm scorer has parameters to evolve, not '{scorer}'")
+    if task not in TASKS:
+        raise AttnswapError(f"unknown --task '{task}': use one of {', '.join(TASKS)}")
+    data, init, out = _path(data), _path(init), _path(out)
     check_data(data)
-    require_causal_lm(load_config(source), source)
-    model = memory_model(source, "namm", _budget(budget), interval, None)
+    if init is not None and not Path(init).is_file():
+        raise AttnswapError(f"--init file not found: {init}")
+    guards = outputs.inputs(source, data=data, init=init)
+    outputs.check_out(out, force or resume, guards)
+    config = load_config(source)
+    require_causal_lm(config, source)
+    check_positions(config, context, "--context")
     task_kw = ({"context": context, "score_from": score_from, "documents": documents} if task == "ppl"
                else {"context": context, "trials": trials})
     if task == "ppl" and score_from >= context:
         raise AttnswapError(f"--score-from {score_from} must be below --context {context}")
-    r = do_evolve(model, load_tokenizer(source), task=task, data=data, out=out, generations=generations,
-                  population=population, sigma=sigma, seed=seed, resume=resume, force=force, task_kw=task_kw,
-                  init=init)
+    with outputs.claim(out, force=force or resume, protect=guards):
+        model = memory_model(source, "namm", _budget(budget), interval, None)
+        r = do_evolve(model, load_tokenizer(source), task=task, data=data, out=out, generations=generations,
+                      population=population, sigma=sigma, seed=seed, resume=resume, force=force, task_kw=task_kw,
+                      init=init, protect=guards)
     _emit(r, as_json, f"evolved {r['generations']} generations ({r['evaluations']} evaluations): best "
                       f"{r['best']:.5f} (start {r['history'][0]['best']:.5f}) -> {r['params']}")
 
@@ -344,7 +415,10 @@ def _config(cls, **values):
         return cls(**values)
     except ValidationError as e:
         err = e.errors()[0]
-        raise AttnswapError(f"bad --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:
+            raise AttnswapError(f"bad options: {msg}") from None
+        raise AttnswapError(f"bad --{str(err['loc'][0]).replace('_', '-')}: {msg}") from None
 
 
 @app.command()
@@ -357,19 +431,27 @@ def distill(
     batch_size: int = opt(DistillConfig, "batch_size"),
     lr: float = opt(DistillConfig, "lr"),
     seed: int = opt(DistillConfig, "seed"),
+    allow_long: bool = typer.Option(False, "--allow-long", help=ALLOW_LONG_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Stage 1 attention transfer: train the variant's new parameters to match each layer's original output."""
-    from .checkpoint import check_out
+    from . import outputs
     from .data import check_data
     from .distill import distill as do_distill
-    from .models import load_model, load_tokenizer
+    from .models import check_fits, check_positions, load_config, load_model, load_tokenizer
 
-    cfg = _config(DistillConfig, data=data, tokens=tokens, seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed)
+    out = _path(out)
+    cfg = _config(DistillConfig, data=_path(data), tokens=tokens, seq_len=seq_len, batch_size=batch_size, lr=lr,
+                  seed=seed, allow_long=allow_long)
     check_data(cfg.data)
-    check_out(out, force)
-    result = do_distill(load_model(source), load_tokenizer(source), cfg, out, force=force)
+    guards = outputs.inputs(source, data=cfg.data)
+    outputs.check_out(out, force, guards)
+    config = load_config(source)
+    check_positions(config, cfg.seq_len, allow_long=cfg.allow_long)
+    check_fits(config, cfg.batch_size, cfg.seq_len, training=True)
+    with outputs.claim(out, force=force, protect=guards):
+        result = do_distill(load_model(source), load_tokenizer(source), cfg, out, force=force, protect=guards)
     worst = max(result["layer_loss_final"].items(), key=lambda kv: kv[1])
     _emit(result, as_json, f"distilled {len(result['layer_loss_final'])} layers on {result['tokens']} tokens: mean "
                            f"relative MSE {result['mean_loss_final']:.5f} (worst {worst[0]}: {worst[1]:.5f}) -> {out}")
@@ -390,20 +472,31 @@ def finetune(
     batch_size: int = opt(FinetuneConfig, "batch_size"),
     save_every: int = opt(FinetuneConfig, "save_every"),
     seed: int = opt(FinetuneConfig, "seed"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in OUT"),
+    allow_long: bool = typer.Option(False, "--allow-long", help=ALLOW_LONG_HELP),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of OUT from its newest intact "
+                                "checkpoint (or a finished OUT, for more --steps); a changed --lr, --warmup, "
+                                "--steps is applied from there"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """LoRA fine-tune (plus the variant's own parameters); multi-process through torchrun/accelerate."""
+    from . import outputs
     from .data import check_data
-    from .models import load_model, load_tokenizer
+    from .models import check_fits, check_positions, load_config, load_model, load_tokenizer
     from .train import finetune as do_finetune
 
-    cfg = _config(FinetuneConfig, data=data, steps=steps, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr,
-                  variant_lr=variant_lr, warmup=warmup, seq_len=seq_len, batch_size=batch_size, save_every=save_every, seed=seed)
+    out = _path(out)
+    cfg = _config(FinetuneConfig, data=_path(data), steps=steps, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr,
+                  variant_lr=variant_lr, warmup=warmup, seq_len=seq_len, batch_size=batch_size,
+                  save_every=save_every, seed=seed, allow_long=allow_long)
     check_data(cfg.data)
+    guards = outputs.inputs(source, data=cfg.data)
+    outputs.check_out(out, force or resume, guards)
+    config = load_config(source)
+    check_positions(config, cfg.seq_len, allow_long=cfg.allow_long)
+    check_fits(config, cfg.batch_size, cfg.seq_len, training=True)
     model = load_model(source, merge_lora=True)
-    result = do_finetune(model, load_tokenizer(source), cfg, out, resume=resume, force=force)
+    result = do_finetune(model, load_tokenizer(source), cfg, out, resume=resume, force=force, protect=guards)
     _emit(result, as_json, f"rank {result['rank']}/{result['world_size']}: {cfg.steps} steps, mean loss of the "
                            f"first/last 10 steps {result['loss_start_mean']} -> {result['loss_end_mean']} -> {out}")
 
@@ -413,7 +506,7 @@ def generate(
     source: str = typer.Argument(..., help="causal model (original, converted or fine-tuned)"),
     prompt: str = typer.Option(..., "--prompt", help="text to continue"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="tokens to generate"),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy; > 0: sampling"),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, callback=_finite, help="0: greedy; > 0: sampling"),
     seed: int = typer.Option(0, "--seed", help="sampling seed"),
     record_every: int = typer.Option(0, "--record-every", min=0, help="record cache bytes every K tokens"),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -423,7 +516,8 @@ def generate(
     from .generation import generate as do_generate
     from .models import load_config, load_model, load_tokenizer
 
-    require_causal_lm(load_config(source), source)
+    config = load_config(source)
+    require_causal_lm(config, source)
     model = load_model(source, merge_lora=True)
     tok = load_tokenizer(source)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
@@ -446,6 +540,8 @@ def export(
     dtype: str = opt(ExportConfig, "dtype", extra_help=": fp32, bf16 or fp16"),
     member: Optional[int] = typer.Option(None, "--member", min=0, help="export only member K of an ensemble, "
                                          "merged into the weights as a plain model"),
+    keep_fp32: bool = typer.Option(False, "--keep-fp32", help="keep tensors whose values exceed --dtype's range "
+                                   "in fp32 (default: refuse the export, naming the tensor)"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
@@ -454,7 +550,9 @@ def export(
 
     if dtype not in DTYPES:
         raise AttnswapError(f"bad --dtype '{dtype}': use one of {', '.join(DTYPES)}")
-    path = do_export(source, out, merge_lora=merge_lora, dtype=dtype, force=force, member=member)
+    out = _path(out)
+    path = do_export(source, out, merge_lora=merge_lora, dtype=dtype, force=force, member=member,
+                     keep_fp32=keep_fp32)
     what = f"member {member} of {source}" if member is not None else source
     _emit({"out": str(path), "dtype": dtype, "merged_lora": merge_lora, "member": member}, as_json,
           f"exported {what} -> {path}")
@@ -463,15 +561,18 @@ def export(
 @app.command()
 def run(
     recipe: str = typer.Argument(..., help="recipe YAML (see recipes/)"),
-    out: Optional[str] = typer.Option(None, "--out", help="run directory (overrides the recipe's 'out')"),
+    out: Optional[str] = typer.Option(None, "--out", help="run directory (overrides the recipe's 'out', which is "
+                                      "relative to the recipe's folder)"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Run a recipe: convert -> finetune -> eval -> export, validated in full before any step runs."""
     from .recipe import load_recipe, run as do_run
 
+    recipe = _path(recipe)
     parsed, text = load_recipe(recipe)
-    results = do_run(parsed, text, out, force=force, log=lambda m: typer.echo(m, err=True))
+    results = do_run(parsed, text, _path(out), force=force, log=lambda m: typer.echo(m, err=True),
+                     recipe_path=recipe)
     lines = []
     ev = results.get("eval")
     if ev:
@@ -484,7 +585,8 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: one-line errors and reliable exit codes (0 ok, 1 internal, 2 bad input, 3 diverged)."""
+    """Entry point: one-line errors and reliable exit codes (0 ok, 1 internal, 2 bad input, 3 non-finite
+    numbers, 4 could not write, 130 interrupted)."""
     command = typer.main.get_command(app)
     try:
         command.main(args=argv, prog_name="attnswap", standalone_mode=False)
@@ -500,8 +602,17 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {message} (see '{where} --help')", err=True)
         return getattr(e, "exit_code", 2)
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("error: interrupted", err=True)
+        typer.echo("error: interrupted; the output was left as it was (a fine-tune or evolution: continue it "
+                   "with --resume)", err=True)
         return 130
+    except OSError as e:
+        from .outputs import _write_error
+
+        mapped = _write_error(e, getattr(e, "filename", None) or "the output")
+        if mapped is None:
+            raise
+        typer.echo(f"error: {mapped}", err=True)
+        return mapped.exit_code
     return 0
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf / nan are refused at the edge: `--lr inf` is a one-line error, not a run of non-finite weights
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ConvertConfig(_Config):
@@ -37,6 +38,8 @@ class DistillConfig(_Config):
     batch_size: int = Field(1, ge=1, description="sequences per step")
     lr: float = Field(1e-2, gt=0, description="Adam learning rate of the variant's new parameters")
     seed: int = Field(0, description="seed for the data order")
+    allow_long: bool = Field(False, description="allow --seq-len beyond the model's maximum positions (rotary "
+                                                "models only)")
 
     @property
     def steps(self) -> int:
@@ -58,13 +61,24 @@ class FinetuneConfig(_Config):
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     save_every: int = Field(50, ge=1, description="write a resumable checkpoint every N steps")
     seed: int = Field(0, description="seed for LoRA init and data order")
+    allow_long: bool = Field(False, description="allow --seq-len beyond the model's maximum positions (rotary "
+                                                "models only)")
 
 
 class EvalConfig(_Config):
     data: str = Field(description="evaluation text: a UTF-8 file, or 'wikitext' through datasets")
     max_tokens: int | None = Field(16384, gt=1, description="use the first N tokens of the text")
     seq_len: int = Field(1024, ge=2, description="window length; each window is scored on its own")
+    batch_size: int = Field(1, ge=1, description="windows per forward pass")
     compare: bool = Field(True, description="also evaluate the original model and report the ratio")
+    allow_long: bool = Field(False, description="allow --seq-len beyond the model's maximum positions (rotary "
+                                                "models only; for speed measurements, not meaningful outputs)")
+
+    @model_validator(mode="after")
+    def _one_window(self):
+        if self.max_tokens is not None and self.max_tokens < self.seq_len:
+            raise ValueError(f"max_tokens {self.max_tokens} is shorter than one window of seq_len {self.seq_len}")
+        return self
 
 
 class ExportConfig(_Config):

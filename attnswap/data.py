@@ -20,7 +20,9 @@ def check_data(spec: str) -> None:
     """Fail early (before any model loads) on a missing, empty or unreadable data file."""
     if spec in HUB_TEXTS:
         return
-    path = Path(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        raise AttnswapError(f"data '{spec}' is a directory; pass a UTF-8 text file")
     if not path.is_file():
         raise AttnswapError(f"data file not found: {spec} (pass a UTF-8 text file or one of: {', '.join(HUB_TEXTS)})")
     if path.stat().st_size == 0:
@@ -42,7 +44,7 @@ def read_text(spec: str, max_chars: int | None = None) -> str:
         text = "".join(rows)
         return text[:max_chars] if max_chars else text
     try:
-        with open(spec, encoding="utf-8") as f:
+        with open(Path(spec).expanduser(), encoding="utf-8") as f:
             text = f.read(max_chars) if max_chars else f.read()
     except UnicodeDecodeError:
         raise AttnswapError(f"data file is not UTF-8 text: {spec}") from None

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import check_out, save
+from . import faults, outputs
+from .checkpoint import save
 from .config import DistillConfig
 from .data import training_ids, windows
 from .errors import AttnswapError, TrainingDiverged
@@ -62,10 +63,11 @@ def _relative_mse(student, target):
 
 
 def distill(model, tokenizer, cfg: DistillConfig, out: str | Path | None = None, *, force: bool = False,
-            progress: bool = True, metrics: dict | None = None) -> dict:
-    """Train the variants' parameters to match the original attention outputs; optionally save to `out`."""
+            progress: bool = True, metrics: dict | None = None, protect=()) -> dict:
+    """Train the variants' parameters to match the original attention outputs; optionally save to `out`
+    (whole or not at all; `protect`: inputs `out` may not be or contain)."""
     if out is not None:
-        check_out(out, force)
+        outputs.check_out(out, force, protect)
     variants = variant_modules(model)
     attn_modules = {path: model.get_submodule(path) for path in variants}
     params = {path: v.trainable_parameters() for path, v in variants.items()}
@@ -107,7 +109,12 @@ def distill(model, tokenizer, cfg: DistillConfig, out: str | Path | None = None,
                                            "try a lower --lr")
                 loss.backward()
                 history[path].append(loss.item())
+            grads = [p.grad for p in trainable if p.grad is not None]
+            if grads and not all(bool(torch.isfinite(g).all()) for g in grads):
+                raise TrainingDiverged(f"a distill gradient became non-finite at step {step + 1}; stopped before the "
+                                       "update, nothing was written; try a lower --lr")
             optimizer.step()
+            faults.point("distill.step")
             capture.calls.clear()
             recent = [h[-1] for h in history.values()]
             bar.set_postfix(mean=f"{sum(recent) / len(recent):.4f}", worst=f"{max(recent):.4f}")
@@ -130,6 +137,6 @@ def distill(model, tokenizer, cfg: DistillConfig, out: str | Path | None = None,
     if out is not None:
         import json
 
-        save(model, out, tokenizer=tokenizer, force=force,
+        save(model, out, tokenizer=tokenizer, force=force, protect=protect, label="distill",
              files={"metrics.json": json.dumps({**(metrics or {}), "distill": result}, indent=2)})
     return result

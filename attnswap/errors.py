@@ -1,4 +1,8 @@
-"""User-facing errors: one line, actionable, no traceback at the CLI."""
+"""User-facing errors: one line, actionable, no traceback at the CLI.
+
+Exit codes: 0 ok, 1 internal error (a bug: traceback), 2 bad input, 3 non-finite numbers (training diverged,
+an evaluation gave NaN/inf), 4 could not write (disk full, permissions), 130 interrupted (Ctrl-C).
+"""
 
 
 class AttnswapError(Exception):
@@ -7,10 +11,24 @@ class AttnswapError(Exception):
     exit_code = 2
 
 
-class TrainingDiverged(AttnswapError):
-    """A NaN/inf loss stopped training; the last good checkpoint is left intact."""
+class OutputExists(AttnswapError):
+    """The output directory exists (or appeared while working) and --force was not given."""
+
+
+class NumericalError(AttnswapError):
+    """A computation gave non-finite numbers (NaN/inf): nothing was saved from it."""
 
     exit_code = 3
+
+
+class TrainingDiverged(NumericalError):
+    """A NaN/inf loss or gradient stopped training; the last good checkpoint is left intact."""
+
+
+class WriteError(AttnswapError):
+    """Writing an output failed (disk full, permissions); the old output is intact, the partial one removed."""
+
+    exit_code = 4
 
 
 def did_you_mean(word: str, choices) -> str:

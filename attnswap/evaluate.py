@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .arch import adapter_for
 from .data import encode, read_text, windows
-from .errors import AttnswapError
+from .errors import AttnswapError, NumericalError
 from .surgery import _base
 
 
@@ -63,6 +63,9 @@ def perplexity(model, tokenizer, data: str, *, max_tokens: int | None = None, se
     bar.close()
     predictions = len(rows) * (seq_len - 1)
     nll = total / predictions
+    if not math.isfinite(nll):
+        raise NumericalError(f"the perplexity of {label} is not finite (mean NLL {nll}): the model gives non-finite "
+                             "logits; check its weights (a diverged fine-tune, an fp16 overflow)")
     return {
         "perplexity": math.exp(nll),
         "nll": nll,

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_dir, check_out, read_metrics, write_model
+from . import outputs
+from .checkpoint import read_metrics, write_model
+from .errors import NumericalError
 from .models import load_model, load_tokenizer, resolve
 from .variants.registry import get_variant
 
@@ -64,14 +66,48 @@ def model_card(name: str, section: dict | None, metrics: dict, recipe: str | Non
 
 
 def export(source: str | os.PathLike, out: str | os.PathLike, *, merge_lora: bool = True, dtype: str = "fp32",
-           force: bool = False, member: int | None = None) -> Path:
-    """Write `source` as a self-contained checkpoint directory at `out`, atomically.
+           force: bool = False, member: int | None = None, keep_fp32: bool = False, protect=()) -> Path:
+    """Write `source` as a self-contained checkpoint directory at `out`, whole or not at all.
 
     `member` k: of a model with members (lora-ensemble), only member k, folded into the backbone weights:
-    a plain model of the original architecture.
+    a plain model of the original architecture. A tensor whose values do not fit `dtype` (fp16 beyond
+    65504) is refused, naming it, or kept in fp32 with `keep_fp32` (the model card says which).
     """
-    check_out(out, force)
-    src_dir = Path(resolve(source).location) if Path(str(source)).is_dir() else None
+    guards = [*outputs.inputs(source), *protect]
+    outputs.check_out(out, force, guards)
+    with outputs.claim(out, force=force, protect=guards):
+        return _export(source, out, merge_lora=merge_lora, dtype=dtype, force=force, member=member,
+                       keep_fp32=keep_fp32, guards=guards)
+
+
+def cast_checked(model, dtype: str, keep_fp32: bool = False) -> list[str]:
+    """Cast the floating tensors of `model` to `dtype`; refuse non-finite values, and values beyond the
+    dtype's range unless `keep_fp32` (then those tensors stay fp32: returned by name)."""
+    target = DTYPES[dtype]
+    kept = []
+    limit = torch.finfo(target).max
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not t.is_floating_point():
+            continue
+        if not bool(torch.isfinite(t).all()):
+            raise NumericalError(f"cannot export: '{name}' holds non-finite values (NaN/inf); nothing was written")
+        peak = float(t.detach().abs().max()) if t.numel() else 0.0
+        if peak > limit:
+            if not keep_fp32:
+                raise NumericalError(f"cannot export as {dtype}: '{name}' holds values up to {peak:.4g}, beyond "
+                                     f"{dtype}'s {limit:.4g}; export as fp32/bf16, or pass --keep-fp32 to keep such "
+                                     "tensors in fp32")
+            kept.append(name)
+    for module_name, module in model.named_modules():
+        for attr, t in list(module._parameters.items()) + list(module._buffers.items()):
+            full = f"{module_name}.{attr}" if module_name else attr
+            if t is not None and t.is_floating_point() and full not in kept:
+                t.data = t.data.to(target)
+    return kept
+
+
+def _export(source, out, *, merge_lora, dtype, force, member, keep_fp32, guards) -> Path:
+    src_dir = Path(resolve(source).location) if outputs.user_path(source).is_dir() else None
     model = load_model(source, merge_lora=merge_lora)
     origin = None
     if member is not None:
@@ -82,7 +118,11 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, merge_lora: boo
         model = extract_member(model, member)
         origin = (f"Member {member} of {n} of the `{ensemble.get('variant')}` model `{source}` "
                   f"(options `{json.dumps(ensemble.get('options'), sort_keys=True)}`), merged into the weights.")
-    model = model.to(DTYPES[dtype])
+    kept = cast_checked(model, dtype, keep_fp32)
+    if kept:
+        outputs.warn(f"{len(kept)} tensors exceed {dtype}'s range and stay fp32, e.g. '{kept[0]}'")
+        origin = ((origin + "\n\n") if origin else "") + (f"Kept in fp32 (values beyond {dtype}'s range): "
+                                                           + ", ".join(f"`{k}`" for k in kept) + ".")
     tokenizer = load_tokenizer(source)
     metrics = read_metrics(src_dir) if src_dir else {}
     if member is not None:
@@ -92,12 +132,13 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, merge_lora: boo
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     section = getattr(base.config, "attnswap", None)
     if section is not None:
-        base.config.attnswap = {**section, "export": {"dtype": dtype, "merged_lora": merge_lora}}
-    with atomic_dir(out, force) as tmp:
+        base.config.attnswap = {**section, "export": {"dtype": dtype, "merged_lora": merge_lora,
+                                                      **({"kept_fp32": kept} if kept else {})}}
+    with outputs.writing(out, force=force, protect=guards, label="export") as tmp:
         write_model(model, tmp, tokenizer, max_shard_size=SHARD_SIZE)
         if recipe:
             (tmp / "recipe.yaml").write_text(recipe)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "README.md").write_text(model_card(Path(out).name, base.config.attnswap if section else None,
                                                   metrics, recipe, origin))
-    return Path(out)
+    return outputs.user_path(out)

@@ -5,7 +5,6 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,38 +83,47 @@ def resolve(source: str | os.PathLike) -> Source:
     return Source(text, label=text)  # a hub id, tried by from_pretrained
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("ATTNSWAP_CACHE", Path.home() / ".cache" / "attnswap"))
-
-
 def _gguf_cached_dir(src: Source) -> Path:
-    """GGUF -> HF directory, converted once and cached (dequantising and building the tokenizer is slow)."""
+    """GGUF -> HF directory, converted once and cached (dequantising and building the tokenizer is slow).
+
+    Concurrent first loads convert once: the entry is written under its lock (the others wait), staged
+    beside it and swapped in whole, so a reader sees no entry or a complete one."""
+    from . import outputs
+
     gguf = Path(src.location) / src.gguf_file
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = _cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    target = outputs.cache_root() / "gguf" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoConfig, AutoTokenizer
+    _remove_legacy_temps(target.parent)
+    with outputs.lock(target, wait=True):
+        if (target / "config.json").is_file():  # another process converted it while we waited
+            return target
+        from transformers import AutoConfig, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file)
-    model = _auto_class(config).from_pretrained(src.location, gguf_file=src.gguf_file, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        # GGUF weights arrive dequantised (fp32); drop the quantizer marker so they save as plain safetensors
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
+        config = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file)
+        model = _auto_class(config).from_pretrained(src.location, gguf_file=src.gguf_file, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)
+        with outputs.writing(target, force=True, internal=True, label="cache") as tmp:
+            # GGUF weights arrive dequantised (fp32); drop the quantizer marker so they save as plain safetensors
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     return target
+
+
+def _remove_legacy_temps(folder: Path, age_s: float = 3600) -> None:
+    """attnswap 0.1.0 staged cache entries as `.tmp-*` with no lock: remove those a killed run left (an
+    hour old: a conversion takes under a minute)."""
+    import time
+
+    if folder.is_dir():
+        for stale in folder.glob(".tmp-*"):
+            if time.time() - stale.stat().st_mtime > age_s:
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def _hf_location(src: Source) -> str:
@@ -247,3 +255,47 @@ def _checkpoint_error(src: Source, err: Exception) -> AttnswapError:
 def describe_aliases() -> list[dict]:
     return [{"alias": k, "package": v.pip_name, "model": v.description} for k, v in ALIASES.items()]
 
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position scheme was built for (None if it does not say)."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_positions(config, seq_len: int, flag: str = "--seq-len", allow_long: bool = False) -> None:
+    """Refuse a length beyond the model's maximum positions: always for learned (absolute) positions, which
+    have no embedding there; for rotary ones unless the user opts in (`--allow-long`)."""
+    from .arch import adapter_for
+
+    limit = max_positions(config)
+    if limit is None or seq_len <= limit:
+        return
+    adapter = adapter_for(config)
+    if adapter.positions == "absolute":
+        raise AttnswapError(f"{flag} {seq_len} is beyond the {limit} positions of this {adapter.name} model (its "
+                            f"learned position embeddings end there); use at most {limit}")
+    if not allow_long:
+        raise AttnswapError(f"{flag} {seq_len} is beyond the model's {limit} maximum positions; use at most {limit}, "
+                            "or pass --allow-long (for speed measurements: outputs past them are not meaningful)")
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(config, batch_size: int, seq_len: int, *, training: bool = False, flags: str = "--batch-size or "
+               "--seq-len") -> None:
+    """Refuse a batch that cannot fit in this machine's memory at all: the logits of one forward (twice
+    over: they and their log-softmax; thrice when training) plus one layer's attention scores, a lower
+    bound of what the step needs."""
+    vocab = getattr(config, "vocab_size", 0) or 0
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
+    need = batch_size * seq_len * vocab * 4 * (3 if training else 2) + batch_size * heads * seq_len * seq_len * 4
+    have = physical_memory()
+    if need > have:
+        raise AttnswapError(f"batch {batch_size} x {seq_len} tokens needs at least {need / 2**30:.1f} GiB for one "
+                            f"forward pass; this machine has {have / 2**30:.1f} GiB; lower {flags}")

@@ -7,21 +7,26 @@ optimizer step, so the weights and the last checkpoint stay good.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import faults, outputs
 from .arch import adapter_for
-from .checkpoint import check_out, write_model
+from .checkpoint import check_finite, write_model
 from .config import FinetuneConfig
 from .data import training_ids, windows
 from .errors import AttnswapError, TrainingDiverged
@@ -80,9 +85,7 @@ def _schedule(cfg: FinetuneConfig):
     return factor
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / CHECKPOINTS).glob("step-*/state.json"))
-    return found[-1].parent if found else None
+PROGRESS = f"{CHECKPOINTS}/step-*/state.json"  # what makes a run directory resumable
 
 
 def _rng_state() -> dict:
@@ -98,50 +101,164 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: FinetuneConfig, losses,
-                     rng: list) -> Path:
-    root = out / CHECKPOINTS
+# -------------------------------------------------------------------------- resumable state without pickles
+# The optimizer and scheduler state, and each rank's RNG, are stored as tensors in training.safetensors and
+# everything else as JSON in state.json: loading a checkpoint never un-pickles anything.
+
+def _flatten_state(optimizer, scheduler, rng: list) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {"optimizer": {"state": {}, "param_groups": optimizer.state_dict()["param_groups"]},
+                         "scheduler": {}, "rng": []}
+    for idx, slots in optimizer.state_dict()["state"].items():
+        meta["optimizer"]["state"][str(idx)] = {}
+        for k, v in slots.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer.{idx}.{k}"] = v.detach().cpu().contiguous()
+                meta["optimizer"]["state"][str(idx)][k] = "tensor"
+            else:
+                meta["optimizer"]["state"][str(idx)][k] = v
+    meta["scheduler"] = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    for r, state in enumerate(rng):
+        meta["rng"].append(sorted(state))
+        for k, v in state.items():
+            vs = v if isinstance(v, list) else [v]
+            for i, t in enumerate(vs):
+                tensors[f"rng.{r}.{k}.{i}"] = t.cpu().contiguous()
+    return tensors, meta
+
+
+def _unflatten_state(tensors: dict, meta: dict) -> tuple[dict, dict, list]:
+    optim = {"state": {}, "param_groups": meta["optimizer"]["param_groups"]}
+    for idx, slots in meta["optimizer"]["state"].items():
+        optim["state"][int(idx)] = {k: tensors[f"optimizer.{idx}.{k}"] if v == "tensor" else v
+                                    for k, v in slots.items()}
+    rng = []
+    for r, keys in enumerate(meta["rng"]):
+        state = {}
+        for k in keys:
+            parts = sorted((int(n.rsplit(".", 1)[1]), t) for n, t in tensors.items() if n.startswith(f"rng.{r}.{k}."))
+            vals = [t for _, t in parts]
+            state[k] = vals if k == "cuda" else vals[0]
+        rng.append(state)
+    return optim, meta["scheduler"], rng
+
+
+def _finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _save_checkpoint(run: Path, step: int, model, optimizer, scheduler, cfg: FinetuneConfig, losses, rng: list,
+                     history: list) -> Path:
+    """One checkpoint, atomically: staged as a scratch folder inside checkpoints/, given a manifest with
+    checksums, renamed to step-NNNNNN. Refused (TrainingDiverged) when a trainable tensor is not finite,
+    so the newest checkpoint is always a good one."""
+    weights = trainable_state(model)
+    bad = _finite(weights)
+    if bad is not None:
+        raise TrainingDiverged(f"'{bad}' became non-finite by step {step}; nothing was saved (resume with "
+                               "--resume and a lower --lr)")
+    root = run / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    # RNG per rank too: dropout masks after a resume must be the ones the uninterrupted run would draw
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config": cfg.model_dump(), "losses": losses}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.attnswap-tmp-"))
+    try:
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        faults.point("finetune.checkpoint")
+        tensors, meta = _flatten_state(optimizer, scheduler, rng)
+        save_file(tensors, str(tmp / "training.safetensors"))
+        state = {"step": step, "config": cfg.model_dump(), "losses": losses, "resumes": history, **meta}
+        (tmp / "state.json").write_text(json.dumps(state))
+        outputs.write_manifest(tmp)
+        outputs.fsync_tree(tmp)
+        faults.point("finetune.checkpoint_written")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int) -> tuple[int, list]:
-    state = json.loads((ckpt / "state.json").read_text())
-    tensors = load_file(str(ckpt / "trainable.safetensors"))
+def _checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (None: it is intact). attnswap 0.1.0's have no manifest."""
+    if (ckpt / outputs.MANIFEST).is_file():
+        return outputs.verify(ckpt)
+    try:
+        json.loads((ckpt / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "state.json is unreadable"
+    return None if (ckpt / "trainable.safetensors").is_file() else "trainable.safetensors is missing"
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The newest intact checkpoint; newer corrupt or truncated ones are skipped with a warning."""
+    for ckpt in sorted((run / CHECKPOINTS).glob("step-*/state.json"), reverse=True):
+        problem = _checkpoint_problem(ckpt.parent)
+        if problem is None:
+            return ckpt.parent
+        outputs.warn(f"skipping checkpoint {ckpt.parent.name}: {problem}")
+    return None
+
+
+def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int) -> tuple[int, list, list]:
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        tensors = load_file(str(ckpt / "trainable.safetensors"))
+        if (ckpt / "training.safetensors").is_file():
+            optim, sched, rng = _unflatten_state(load_file(str(ckpt / "training.safetensors")), state)
+        else:  # attnswap 0.1.0 wrote optim.pt: tensors only, never code
+            legacy = torch.load(ckpt / "optim.pt", weights_only=True)
+            optim, sched, rng = legacy["optimizer"], legacy["scheduler"], legacy["rng"]
+    except (pickle.UnpicklingError, SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise AttnswapError(f"cannot resume from {ckpt}: {first} (a checkpoint holds tensors and JSON only; "
+                            "anything else is refused, never run)") from None
     params = dict(model.named_parameters())
+    missing = sorted(set(tensors) - set(params))
+    if missing:
+        raise AttnswapError(f"cannot resume from {ckpt}: it holds '{missing[0]}', which this model does not have")
     with torch.no_grad():
         for name, t in tensors.items():
             params[name].copy_(t)
-    optim = torch.load(ckpt / "optim.pt", weights_only=False)
-    optimizer.load_state_dict(optim["optimizer"])
-    scheduler.load_state_dict(optim["scheduler"])
-    if rank < len(optim["rng"]):
-        _set_rng_state(optim["rng"][rank])
-    return state["step"], state["losses"]
+    optimizer.load_state_dict(optim)
+    scheduler.load_state_dict({**sched, "lr_lambdas": [None] * len(optimizer.param_groups)})
+    if rank < len(rng):
+        _set_rng_state(rng[rank])
+    return state["step"], state["losses"], state.get("resumes", [])
 
 
-def _check_resume(out: Path, cfg: FinetuneConfig) -> Path:
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        raise AttnswapError(f"nothing to resume: no checkpoint under {out / CHECKPOINTS}")
-    saved = FinetuneConfig(**json.loads((ckpt / "state.json").read_text())["config"])
-    fixed = ("data", "lora_r", "lora_alpha", "seq_len", "batch_size", "seed")
-    diff = [k for k in fixed if getattr(saved, k) != getattr(cfg, k)]
+FIXED_ON_RESUME = ("data", "lora_r", "lora_alpha", "seq_len", "batch_size", "seed")
+
+
+def _check_resume(ckpt: Path, cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict]:
+    """Options that resume cannot honour (the data order, the LoRA shapes) must match; returns the saved
+    config and the options that changed and are applied from here on (lr, variant_lr, weight_decay, steps,
+    warmup, max_grad_norm, save_every)."""
+    saved_raw = json.loads((ckpt / "state.json").read_text())["config"]
+    saved = FinetuneConfig(**{k: v for k, v in saved_raw.items() if k in FinetuneConfig.model_fields})
+    diff = [k for k in FIXED_ON_RESUME if getattr(saved, k) != getattr(cfg, k)]
     if diff:
-        raise AttnswapError(f"--resume with different {', '.join(diff)} than the checkpoint in {ckpt}; use the same options")
-    return ckpt
+        raise AttnswapError(f"--resume with different {', '.join(diff)} than the checkpoint in {ckpt}; "
+                            "resume cannot change them: use the same options")
+    changed = {k: [getattr(saved, k), getattr(cfg, k)] for k in FinetuneConfig.model_fields
+               if k not in FIXED_ON_RESUME and getattr(saved, k) != getattr(cfg, k)}
+    return saved, changed
+
+
+def _apply_hyperparameters(optimizer, scheduler, cfg: FinetuneConfig, lrs: list[float]) -> None:
+    """After loading a checkpoint: the current options' peak learning rates and weight decay, with the
+    schedule's factor at the step reached (the schedule itself is rebuilt from the current options)."""
+    factor = _schedule(cfg)(scheduler.last_epoch)
+    scheduler.base_lrs = list(lrs)
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor
+        group["weight_decay"] = cfg.weight_decay
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _variant_schedules(variants, step: int, total: int) -> dict[str, float]:
@@ -154,34 +271,57 @@ def _variant_schedules(variants, step: int, total: int) -> dict[str, float]:
 
 
 def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, resume: bool = False,
-             force: bool = False, progress: bool = True, metrics: dict | None = None, on_step=None) -> dict:
+             force: bool = False, progress: bool = True, metrics: dict | None = None, on_step=None,
+             protect=()) -> dict:
     """Fine-tune `model` (converted or not) and write it to `out` (loadable with attnswap.load).
 
+    The run works in a resumable run directory beside `out` (`outputs.run_dir`): checkpoints every
+    `save_every` steps, each written atomically with checksums. A failure or a kill keeps it for
+    `resume`; the finished run (model, checkpoints, losses) is swapped in as `out` at the end.
     `on_step(step, loss)` is called after each optimizer step (1-based step), e.g. for logging.
     """
-    out = Path(out)
     if any(type(v).is_adapter for v in variant_modules(model).values()):
         cfg = cfg.model_copy(update={"lora_r": 0})  # the variant is the adapter: no PEFT LoRA on top of it
     accelerator = _accelerator()
-    ckpt = _check_resume(out, cfg) if resume else None
-    if not resume:
-        check_out(out, force)
-    accelerator.wait_for_everyone()
-    if not resume and accelerator.is_main_process and out.exists():
-        shutil.rmtree(out)  # --force: the old run goes only now that the options are valid
+    outputs.check_out(out, force or resume, protect)  # every rank, before any work: all fail alike
+    writer = accelerator.is_main_process
+    staging = (outputs.writing(out, force=force, resume=resume, protect=protect, label="finetune",
+                               progress=PROGRESS, carry=(CHECKPOINTS, "losses.json"))
+               if writer else contextlib.nullcontext(outputs.run_dir(out)))
+    with staging as run:
+        accelerator.wait_for_everyone()  # the run directory is ready (and a finished run's progress copied in)
+        return _finetune(model, tokenizer, cfg, run, accelerator, resume=resume, progress=progress,
+                         metrics=metrics, on_step=on_step)
+
+
+def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, resume: bool, progress: bool,
+              metrics: dict | None, on_step) -> dict:
+    ckpt = latest_checkpoint(run) if resume else None
+    if resume and ckpt is None:
+        raise AttnswapError(f"nothing to resume: no intact checkpoint in {run / CHECKPOINTS}; pass --force to "
+                            "start again")
+    saved, changed = _check_resume(ckpt, cfg) if ckpt is not None else (None, {})
     torch.manual_seed(cfg.seed)
     model = attach_lora(model, cfg)
     model.train()
     own = {id(p) for v in variant_modules(model).values() for p in v.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) not in own]},
+    groups = [{"params": [p for p in params if id(p) not in own], "lr": cfg.lr},
               {"params": [p for p in params if id(p) in own], "lr": cfg.variant_lr or cfg.lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [g for g in groups if g["params"]]
+    peaks = [g["lr"] for g in groups]  # the optimizer and scheduler rescale g["lr"] from here on
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     world, rank = accelerator.num_processes, accelerator.process_index
-    start, losses = (0, [])
+    start, losses, history = (0, [], [])
     if ckpt is not None:
-        start, losses = _load_checkpoint(ckpt, model, optimizer, scheduler, rank)
+        start, losses, history = _load_checkpoint(ckpt, model, optimizer, scheduler, rank)
+        # options resume can honour are applied, never silently kept from the checkpoint
+        _apply_hyperparameters(optimizer, scheduler, cfg, peaks)
+        if changed:
+            history = [*history, {"step": start, "changed": changed}]
+            outputs.warn(f"resuming at step {start} with changed options (applied from here on): " +
+                         ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
 
     variants = list(variant_modules(model).values())  # before prepare() wraps the model
     per_step = cfg.batch_size * world
@@ -199,12 +339,15 @@ def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, r
         shown = _variant_schedules(variants, step, cfg.steps)
         loss = model(input_ids=batch, labels=batch).loss
         mean_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
+        where = f"the last good checkpoint is {last_ckpt.name}" if last_ckpt else "no checkpoint was written yet"
         if not math.isfinite(mean_loss):
-            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
             raise TrainingDiverged(f"loss became {mean_loss} at step {step + 1}; stopped before the update, "
                                    f"{where} (resume with --resume and a lower --lr)")
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+        if not math.isfinite(norm):
+            raise TrainingDiverged(f"gradient norm became {norm} at step {step + 1}; stopped before the update, "
+                                   f"{where} (resume with --resume and a lower --lr)")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -213,11 +356,12 @@ def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, r
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                         **{k: f"{v:.3g}" for k, v in shown.items()})
         done = step + 1
+        faults.point("finetune.step")
         if done % cfg.save_every == 0 or done == cfg.steps:
             rng = gather_object([_rng_state()]) if world > 1 else [_rng_state()]
             if accelerator.is_main_process:
-                last_ckpt = _save_checkpoint(out, done, accelerator.unwrap_model(model), optimizer, scheduler,
-                                             cfg, losses, rng)
+                last_ckpt = _save_checkpoint(run, done, accelerator.unwrap_model(model), optimizer, scheduler,
+                                             cfg, losses, rng, history)
             accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(done, mean_loss)
@@ -228,6 +372,7 @@ def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, r
     result = {
         "steps": cfg.steps,
         "resumed_from": start if resume else None,
+        "resumes": history,
         "tokens": (cfg.steps - start) * per_step * cfg.seq_len,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
@@ -240,23 +385,20 @@ def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, r
         "seconds": round(time.perf_counter() - t0, 1),
     }
     if accelerator.is_main_process:
-        _write_final(model, tokenizer, out, {**(metrics or {}), "finetune": {**cfg.model_dump(), **result}})
-        (out / "losses.json").write_text(json.dumps(losses))
+        _write_final(model, tokenizer, run, {**(metrics or {}), "finetune": {**cfg.model_dump(), **result}})
+        (run / "losses.json").write_text(json.dumps(losses))
     accelerator.wait_for_everyone()
     return result
 
 
-def _write_final(model, tokenizer, out: Path, metrics: dict) -> None:
-    """Model files go to a temp dir inside `out`, then move in; config.json moves last (the commit mark)."""
-    tmp = out / ".final-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_model(model, tmp, tokenizer)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    names = sorted(p.name for p in tmp.iterdir() if p.name != "config.json") + ["config.json"]
-    for name in names:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(tmp / name, target)
-    tmp.rmdir()
+def _write_final(model, tokenizer, run: Path, metrics: dict) -> None:
+    """The trained model's files go into the run directory beside its checkpoints (the whole directory is
+    then swapped in as the output); files of an earlier final model in it are replaced."""
+    check_finite(model, "the trained model")
+    for stale in [*run.glob("*.safetensors"), *run.glob("*.json"), run / "adapter"]:
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+    write_model(model, run, tokenizer)
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))

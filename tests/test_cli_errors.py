@@ -156,8 +156,17 @@ def test_existing_out_is_left_untouched(capsys, tiny_dirs, tmp_path):
         code, _, err = run_cli(capsys, *args)
         assert_one_line_error(code, err, "already exists", "--force")
     assert sorted(os.listdir(out)) == before and (out / "precious.txt").read_text() == "user data"
-    code, _, _ = run_cli(capsys, "convert", tiny_dirs["llama"], "--to", "sliding-window", "--out", out, "--force")
-    assert code == 0 and (out / "config.json").is_file() and not (out / "precious.txt").exists()
+    # --force replaces only what attnswap wrote: a folder with the user's file in it is refused, untouched
+    code, _, err = run_cli(capsys, "convert", tiny_dirs["llama"], "--to", "sliding-window", "--out", out, "--force")
+    assert_one_line_error(code, err, "refusing to replace", "'precious.txt' in it was not written by attnswap")
+    assert sorted(os.listdir(out)) == before and (out / "precious.txt").read_text() == "user data"
+    (out / "precious.txt").unlink()
+    theirs = tmp_path / "theirs"
+    code, _, _ = run_cli(capsys, "convert", tiny_dirs["llama"], "--to", "sliding-window", "--out", theirs)
+    assert code == 0
+    code, _, _ = run_cli(capsys, "convert", tiny_dirs["llama"], "--to", "sliding-window", "--set", "window=8",
+                         "--out", theirs, "--force")
+    assert code == 0 and json.loads((theirs / "config.json").read_text())["attnswap"]["options"]["window"] == 8
 
 
 def test_bad_option_value_is_one_line(capsys, tiny_dirs, tmp_path):

@@ -7,6 +7,7 @@ import torch
 
 import attnswap
 from attnswap.config import FinetuneConfig
+from attnswap.outputs import run_dir
 from attnswap.train import finetune
 
 from .conftest import WIKI_TRAIN, outputs, sample_ids
@@ -50,8 +51,9 @@ def test_resume_continues_to_the_same_weights(tiny_dirs, tiny_tokenizer, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         finetune(attnswap.load_model(tiny_dirs["gpt2"]), tiny_tokenizer, cfg, tmp_path / "b", progress=False,
                  on_step=interrupt)
-    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-000005"]
-    assert not (tmp_path / "b" / "config.json").exists()  # no half-written model
+    run = run_dir(tmp_path / "b")  # the interrupted run is kept beside the output, which does not exist yet
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000005"]
+    assert not (tmp_path / "b").exists()  # no half-written model
     resumed = finetune(attnswap.load_model(tiny_dirs["gpt2"]), tiny_tokenizer, cfg, tmp_path / "b", resume=True,
                        progress=False)
     assert resumed["resumed_from"] == 5 and resumed["steps"] == 10
@@ -69,7 +71,8 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact(tiny_dirs, tiny_tokenize
 
     with pytest.raises(attnswap.AttnswapError, match="loss became nan at step 7.*step-000005"):
         finetune(model, tiny_tokenizer, _cfg(), tmp_path / "n", progress=False, on_step=poison)
-    state = json.loads((tmp_path / "n" / "checkpoints" / "step-000005" / "state.json").read_text())
+    assert not (tmp_path / "n").exists()
+    state = json.loads((run_dir(tmp_path / "n") / "checkpoints" / "step-000005" / "state.json").read_text())
     assert state["step"] == 5 and all(v == v for v in state["losses"])
 
 

@@ -16,7 +16,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_shipped_recipe_validates(path, tmp_path, monkeypatch):
-    monkeypatch.chdir(path.parents[1])  # recipes name data relative to the repository root
+    monkeypatch.chdir(tmp_path)  # recipe paths are relative to the recipe's folder, not the working directory
     recipe, _ = load_recipe(path)
     assert validate(recipe, str(tmp_path / "run"), force=False) == tmp_path / "run"
     assert not (tmp_path / "run").exists()

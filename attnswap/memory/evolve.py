@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..checkpoint import check_out
-from ..errors import AttnswapError
+from .. import faults, outputs
+from ..errors import AttnswapError, NumericalError
 from ..surgery import variant_modules
 from ..variants.memory import load_params
 from .cmaes import CMAES
@@ -43,58 +43,82 @@ def fitness(model, tokenizer, task: str, data: str, theta: np.ndarray, **task_kw
     return -r["accuracy"], r
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
 def evolve(model, tokenizer, *, task: str, data: str, out: str | os.PathLike, generations: int, population: int,
            sigma: float = 0.1, seed: int = 0, resume: bool = False, force: bool = False, progress: bool = True,
-           task_kw: dict | None = None, log=None, init: str | os.PathLike | None = None) -> dict:
+           task_kw: dict | None = None, log=None, init: str | os.PathLike | None = None, protect=()) -> dict:
     """Run CMA-ES over the namm parameters of a model converted to `memory` with scorer namm, starting from
     `namm.default_params()` or from the parameters file `init` (incremental evolution: a vector evolved on
-    one setting, refined on another, as the NAMM paper does between its stages)."""
+    one setting, refined on another, as the NAMM paper does between its stages).
+
+    The run works in a resumable run directory beside `out` (`outputs.writing` with progress): each
+    generation's state and parameters are written atomically there; the finished run is swapped in as `out`.
+    `resume` continues an interrupted run (or a finished one, for more generations)."""
     if task not in TASKS:
         raise AttnswapError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
     variants = list(variant_modules(model).values())
     if not variants or getattr(variants[0].options, "scorer", None) != "namm":
         raise AttnswapError("evolve needs a model converted to 'memory' with scorer namm")
-    out = Path(out)
     settings = {"task": task, "data": data, "population": population, "sigma": sigma, "seed": seed,
                 "options": variants[0].options.model_dump(mode="json"), "task_kw": task_kw or {},
                 "init": None if init is None else str(init)}
-    if resume:
-        if not (out / STATE).is_file():
-            raise AttnswapError(f"nothing to resume: no {STATE} in {out}")
-        saved = json.loads((out / STATE).read_text())
-        if saved["settings"] != settings:
-            changed = [k for k in settings if saved["settings"].get(k) != settings[k]]
-            raise AttnswapError(f"--resume with different {', '.join(changed)} than the run in {out}")
-        es, history = CMAES.from_state(saved["cmaes"]), saved["history"]
-    else:
-        x0 = (default_params() if init is None else load_params(init)).double().numpy()
-        check_out(out, force)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in (STATE, PARAMS):
-            (out / name).unlink(missing_ok=True)
-        es = CMAES(x0, sigma, popsize=population, seed=seed)
-        es.best_f, es.best_x = fitness(model, tokenizer, task, data, x0, **(task_kw or {}))[0], x0.copy()
-        history = [{"generation": 0, "best": es.best_f, "start": es.best_f}]
-    bar = tqdm(total=generations, initial=es.generation, desc="evolve", unit="gen", disable=not progress)
-    while es.generation < generations:
-        t0 = time.perf_counter()
-        xs = es.ask()
-        fs = [fitness(model, tokenizer, task, data, x, **(task_kw or {}))[0] for x in xs]
-        es.tell(xs, fs)
-        history.append({"generation": es.generation, "best": es.best_f, "min": float(min(fs)),
-                        "mean": float(np.mean(fs)), "sigma": es.sigma, "seconds": round(time.perf_counter() - t0, 1)})
-        save_file({"namm": torch.tensor(es.best_x, dtype=torch.float32)}, str(out / PARAMS))
-        _write_json(out / STATE, {"settings": settings, "cmaes": es.state(), "history": history})
-        bar.update(1)
-        bar.set_postfix(best=f"{es.best_f:.4f}", mean=f"{np.mean(fs):.4f}", sigma=f"{es.sigma:.3f}")
-        if log:
-            log(f"generation {es.generation}: best {es.best_f:.5f}, min {min(fs):.5f}, mean {np.mean(fs):.5f}")
-    bar.close()
+    x0 = None if resume else (default_params() if init is None else load_params(init)).double().numpy()
+    with outputs.writing(out, force=force, resume=resume, protect=protect, label="evolve", progress=STATE,
+                         carry=(STATE, PARAMS)) as run:
+        if resume:
+            saved = _read_state(run / STATE)
+            if saved["settings"] != settings:
+                changed = [k for k in settings if saved["settings"].get(k) != settings[k]]
+                raise AttnswapError(f"--resume with different {', '.join(changed)} than the run of {out}; use the "
+                                    "same options")
+            es, history = CMAES.from_state(saved["cmaes"]), saved["history"]
+        else:
+            es = CMAES(x0, sigma, popsize=population, seed=seed)
+            es.best_f, es.best_x = fitness(model, tokenizer, task, data, x0, **(task_kw or {}))[0], x0.copy()
+            history = [{"generation": 0, "best": es.best_f, "start": es.best_f}]
+        bar = tqdm(total=generations, initial=es.generation, desc="evolve", unit="gen", disable=not progress)
+        while es.generation < generations:
+            t0 = time.perf_counter()
+            xs = es.ask()
+            fs = []
+            for x in xs:
+                fs.append(fitness(model, tokenizer, task, data, x, **(task_kw or {}))[0])
+                faults.point("evolve.candidate")
+            if not all(np.isfinite(fs)):
+                raise NumericalError(f"a candidate of generation {es.generation + 1} scored {fs}; nothing of this "
+                                     "generation was saved (resume with --resume)")
+            es.tell(xs, fs)
+            history.append({"generation": es.generation, "best": es.best_f, "min": float(min(fs)),
+                            "mean": float(np.mean(fs)), "sigma": es.sigma,
+                            "seconds": round(time.perf_counter() - t0, 1)})
+            # parameters first, then the state that names the generation: a kill between the two leaves the
+            # previous state, which resumes to the same result (it recomputes this generation)
+            _save_params(run / PARAMS, es.best_x)
+            faults.point("evolve.params")
+            outputs.write_atomic(run / STATE, json.dumps({"settings": settings, "cmaes": es.state(),
+                                                          "history": history}), label="evolve.state")
+            bar.update(1)
+            bar.set_postfix(best=f"{es.best_f:.4f}", mean=f"{np.mean(fs):.4f}", sigma=f"{es.sigma:.3f}")
+            if log:
+                log(f"generation {es.generation}: best {es.best_f:.5f}, min {min(fs):.5f}, mean {np.mean(fs):.5f}")
+        bar.close()
+        if not (run / PARAMS).is_file():  # zero generations asked: the start is the best
+            _save_params(run / PARAMS, es.best_x)
+            outputs.write_atomic(run / STATE, json.dumps({"settings": settings, "cmaes": es.state(),
+                                                          "history": history}))
+    out = outputs.user_path(out)
     return {"out": str(out), "params": str(out / PARAMS), "best": es.best_f, "generations": es.generation,
             "evaluations": es.evaluations, "history": history}
+
+
+def _save_params(path: Path, x) -> None:
+    tmp = path.parent / f".{path.name}.attnswap-tmp-{os.getpid()}"
+    save_file({"namm": torch.tensor(x, dtype=torch.float32)}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AttnswapError(f"cannot resume: {path} is unreadable ({str(e).splitlines()[0][:120]}); pass --force "
+                            "to start the run again") from None

@@ -584,35 +584,53 @@ def run(
     _emit(results, as_json, "\n".join(lines))
 
 
+def _close_bars() -> None:
+    """End any progress bar an error cut short, so that the error line starts a line of its own."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    except Exception:  # noqa: BLE001  (cosmetic only)
+        pass
+
+
+def _fail(message: str, code: int) -> int:
+    _close_bars()
+    typer.echo(f"error: {message}", err=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors and reliable exit codes (0 ok, 1 internal, 2 bad input, 3 non-finite
     numbers, 4 could not write, 130 interrupted)."""
     command = typer.main.get_command(app)
+    interrupted = ("interrupted; the output was left as it was (a fine-tune or evolution: continue it with "
+                   "--resume)")
     try:
-        command.main(args=argv, prog_name="attnswap", standalone_mode=False)
+        rv = command.main(args=argv, prog_name="attnswap", standalone_mode=False)
+        if rv == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into Exit(130), returned in non-standalone mode
+            return _fail(interrupted, 130)
+        if isinstance(rv, int) and rv:
+            return rv
     except AttnswapError as e:
-        typer.echo(f"error: {e}", err=True)
-        return e.exit_code
+        return _fail(str(e), e.exit_code)
     except typer.Exit as e:
         return e.exit_code
     except TyperException as e:  # usage errors: unknown option, bad value, missing argument
         ctx = getattr(e, "ctx", None)
         where = ctx.command_path if ctx else "attnswap"
         message = e.format_message() if hasattr(e, "format_message") else str(e)
-        typer.echo(f"error: {message} (see '{where} --help')", err=True)
-        return getattr(e, "exit_code", 2)
+        return _fail(f"{message} (see '{where} --help')", getattr(e, "exit_code", 2))
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("error: interrupted; the output was left as it was (a fine-tune or evolution: continue it "
-                   "with --resume)", err=True)
-        return 130
+        return _fail(interrupted, 130)
     except OSError as e:
         from .outputs import _write_error
 
         mapped = _write_error(e, getattr(e, "filename", None) or "the output")
         if mapped is None:
             raise
-        typer.echo(f"error: {mapped}", err=True)
-        return mapped.exit_code
+        return _fail(str(mapped), mapped.exit_code)
     return 0
 
 

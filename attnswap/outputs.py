@@ -91,8 +91,8 @@ def check_out(out: str | os.PathLike, force: bool = False, protect: Iterable[Gua
     An existing empty directory counts as absent (there is nothing in it to lose).
     """
     real = _real(out)
-    always = [] if internal else [("the working directory", Path.cwd()), ("the home directory", Path.home()),
-                                  ("the root directory", "/"), ("attnswap's model cache", cache_root())]
+    always = [] if internal else [("the root directory", "/"), ("the home directory", Path.home()),
+                                  ("the working directory", Path.cwd()), ("attnswap's model cache", cache_root())]
     for what, path in [*always, *protect]:
         if path is None:
             continue
@@ -100,6 +100,9 @@ def check_out(out: str | os.PathLike, force: bool = False, protect: Iterable[Gua
         if inside == real or real in inside.parents:
             verb = "is" if inside == real else "contains"
             raise AttnswapError(f"refusing {flag} '{out}': it {verb} {what} ({path}); choose another directory")
+    if _leftovers(real):  # a dead run's scratch: restore / remove it now, under the lock, before judging
+        with lock(real):
+            recover(real)
     if os.path.lexists(real):
         if not real.is_dir():
             raise AttnswapError(f"{flag} '{out}' exists and is not a directory")
@@ -273,6 +276,14 @@ def lock(target: str | os.PathLike, *, wait: bool = False) -> Iterator[None]:
         os.close(fd)
 
 
+def _leftovers(target: Path) -> bool:
+    """Whether dead runs may have left scratch for `target`: staging dirs or a set-aside old output."""
+    if not target.parent.is_dir():
+        return False
+    name = glob.escape(target.name)
+    return any(any(target.parent.glob(f".{name}.{kind}-*")) for kind in ("attnswap-old", "attnswap-tmp", "old", "tmp"))
+
+
 def recover(target: Path) -> None:
     """Under the target's lock: rename back an old output a kill left set aside mid-swap, and remove the
     staging directories and set-aside outputs of dead runs (including attnswap 0.1.0's names)."""
@@ -320,6 +331,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def normal_modes(root: Path) -> None:
+    """Give every file and folder of an output the permissions a new one gets under the umask (some writers,
+    like mkdtemp and tempfile-based savers, make them private: 0600 / 0700)."""
+    mask = _umask()
+    for dirpath, dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def _new_stage(target: Path) -> Path:
@@ -432,6 +455,7 @@ def writing(out: str | os.PathLike, *, force: bool = False, protect: Iterable[Gu
             yield stage
             faults.point(f"{label}.written")
             write_manifest(stage)
+            normal_modes(stage)
             fsync_tree(stage)
             _swap(stage, target, out, replace=replace, label=label)
         except BaseException as e:

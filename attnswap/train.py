@@ -359,6 +359,10 @@ def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, 
         faults.point("finetune.step")
         if done % cfg.save_every == 0 or done == cfg.steps:
             rng = gather_object([_rng_state()]) if world > 1 else [_rng_state()]
+            bad = _finite(trainable_state(accelerator.unwrap_model(model)))
+            if bad is not None:
+                raise TrainingDiverged(f"'{bad}' became non-finite by step {done}; not saved, {where} (resume "
+                                       "with --resume and a lower --lr)")
             if accelerator.is_main_process:
                 last_ckpt = _save_checkpoint(run, done, accelerator.unwrap_model(model), optimizer, scheduler,
                                              cfg, losses, rng, history)

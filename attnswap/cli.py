@@ -491,7 +491,8 @@ def finetune(
                   save_every=save_every, seed=seed, allow_long=allow_long)
     check_data(cfg.data)
     guards = outputs.inputs(source, data=cfg.data)
-    outputs.check_out(out, force or resume, guards)
+    if outputs.writer_process():  # rank 0 of a multi-process run writes; the others only compute
+        outputs.check_out(out, force or resume, guards)
     config = load_config(source)
     check_positions(config, cfg.seq_len, allow_long=cfg.allow_long)
     check_fits(config, cfg.batch_size, cfg.seq_len, training=True)
@@ -509,12 +510,14 @@ def generate(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, callback=_finite, help="0: greedy; > 0: sampling"),
     seed: int = typer.Option(0, "--seed", help="sampling seed"),
     record_every: int = typer.Option(0, "--record-every", min=0, help="record cache bytes every K tokens"),
+    allow_long: bool = typer.Option(False, "--allow-long", help="allow prompt + new tokens beyond the model's "
+                                    "maximum positions (rotary models; for speed measurements)"),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Generate text with the variants' own caches; report tokens/s and peak cache bytes."""
     from .evaluate import require_causal_lm
     from .generation import generate as do_generate
-    from .models import load_config, load_model, load_tokenizer
+    from .models import check_positions, load_config, load_model, load_tokenizer
 
     config = load_config(source)
     require_causal_lm(config, source)
@@ -523,6 +526,8 @@ def generate(
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     if ids.shape[1] == 0:
         raise AttnswapError("--prompt is empty after tokenisation")
+    check_positions(config, ids.shape[1] + max_new_tokens, "--prompt tokens + --max-new-tokens",
+                    allow_long=allow_long)
     r = do_generate(model, ids, max_new_tokens, temperature=temperature, seed=seed,
                     eos_token_id=None, record_every=record_every)
     text = tok.decode(r.pop("ids")[0, ids.shape[1]:], skip_special_tokens=True)

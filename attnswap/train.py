@@ -283,8 +283,9 @@ def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, r
     if any(type(v).is_adapter for v in variant_modules(model).values()):
         cfg = cfg.model_copy(update={"lora_r": 0})  # the variant is the adapter: no PEFT LoRA on top of it
     accelerator = _accelerator()
-    outputs.check_out(out, force or resume, protect)  # every rank, before any work: all fail alike
-    writer = accelerator.is_main_process
+    writer = accelerator.is_main_process  # only it writes; the others compute and read its run directory
+    if writer:
+        outputs.check_out(out, force or resume, protect)
     staging = (outputs.writing(out, force=force, resume=resume, protect=protect, label="finetune",
                                progress=PROGRESS, carry=(CHECKPOINTS, "losses.json"))
                if writer else contextlib.nullcontext(outputs.run_dir(out)))

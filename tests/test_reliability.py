@@ -183,7 +183,8 @@ def test_recipe_paths_resolve_against_the_recipe_folder(tiny_dirs, tmp_path, mon
     (["--batch-size", "0"], "--batch-size"),
     (["--seq-len", "4096"], "beyond the model's 512 maximum positions"),
     (["--seq-len", "512", "--batch-size", "100000000"], "needs at least"),
-])
+], ids=["seq-len-0", "seq-len-negative", "max-tokens-1", "max-tokens-below-one-window", "batch-size-0",
+        "beyond-the-positions", "beyond-memory"])
 def test_bad_eval_values_are_one_line_before_work(flags, fragment, tiny_dirs, capsys):
     code, _, err = cli(capsys, "eval", "perplexity", tiny_dirs["llama"], "--data", WIKI_TEST, *flags)
     one_line(code, err, fragment)
@@ -205,7 +206,8 @@ def test_lengths_beyond_the_positions(tiny_dirs, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag,value", [("--lr", "inf"), ("--lr", "nan"), ("--variant-lr", "inf"),
-                                        ("--lora-alpha", "nan")])
+                                        ("--lora-alpha", "nan")], ids=["lr-inf", "lr-nan", "variant-lr-inf",
+                                                                        "lora-alpha-nan"])
 def test_non_finite_options_are_refused(flag, value, tiny_dirs, tmp_path, capsys):
     code, _, err = cli(capsys, "finetune", tiny_dirs["llama"], "--data", WIKI_TRAIN, "--steps", "2", flag, value,
                        "--out", tmp_path / "ft")
@@ -218,7 +220,7 @@ def test_non_finite_options_are_refused(flag, value, tiny_dirs, tmp_path, capsys
     ({"eval": {"data": "D", "seq_len": 4096, "max_tokens": 8192}}, "eval.seq_len 4096 is beyond"),
     ({"finetune": {"data": "D", "steps": 2, "seq_len": 0}}, "finetune.seq_len"),
     ({"finetune": {"data": "D", "steps": 2, "lr": float("inf")}}, "finetune.lr"),
-])
+], ids=["eval-max-tokens-below-one-window", "eval-beyond-the-positions", "finetune-seq-len-0", "finetune-lr-inf"])
 def test_recipe_is_validated_in_full_before_any_step(step, fragment, tiny_dirs, tmp_path, capsys):
     recipe = {"model": str(tiny_dirs["llama"]), "convert": {"variant": "sliding-window"}}
     for k, v in step.items():
@@ -445,7 +447,8 @@ def test_two_first_loads_share_one_gguf_conversion(tmp_path):
 
 # ------------------------------------------------------------------------------------------- disk, Ctrl-C
 
-@pytest.mark.parametrize("action,fragment", [("enospc", "No space left on device"), ("eacces", "Permission denied")])
+@pytest.mark.parametrize("action,fragment", [("enospc", "No space left on device"), ("eacces", "Permission denied")],
+                         ids=["enospc", "eacces"])
 def test_a_failed_write_leaves_the_old_output(action, fragment, tiny_dirs, tmp_path, capsys, monkeypatch):
     from attnswap import faults
 

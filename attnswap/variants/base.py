@@ -14,7 +14,7 @@ from ..errors import AttnswapError, did_you_mean
 class VariantOptions(BaseModel):
     """Options of a variant. Subclasses declare fields with `Field(description=...)`: that text is the help."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Variant(nn.Module):

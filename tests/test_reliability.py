@@ -433,7 +433,7 @@ def test_two_first_loads_share_one_gguf_conversion(tmp_path):
         wait_reached(hold, first)
         second = subprocess.Popen([sys.executable, *load], env=child_env(ATTNSWAP_CACHE=str(cache)),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(15)  # the second reaches the cache's lock and waits there
+        time.sleep(5)  # the second reaches the cache's lock and waits there
         assert second.poll() is None
         assert [p.name for p in (cache / "gguf").iterdir() if not p.name.startswith(".")] == []
     finally:

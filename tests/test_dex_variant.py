@@ -19,6 +19,7 @@ def test_conversion_starts_as_the_original(tiny_dirs, name):
     assert (outputs(model, ids) - ref).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_smollm2_conversion_starts_as_the_original(smollm2_dir):
     model = attnswap.load_model(smollm2_dir)
     ids = sample_ids(model.config.vocab_size, batch=1, length=64)

@@ -27,6 +27,7 @@ def test_perplexity_refuses_an_encoder(tiny_dirs, tiny_tokenizer):
         perplexity(model, tiny_tokenizer, str(WIKI_TEST), max_tokens=100, seq_len=16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window,sinks,expected", [(None, 0, 22.75), (256, 4, 26.62)])
 def test_smollm2_perplexity_matches_an_independent_implementation(smollm2_dir, window, sinks, expected):
     """Acceptance: the CLI's protocol vs tests/reference.py (eager masked attention), 16,384 tokens, W=1024."""

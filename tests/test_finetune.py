@@ -76,6 +76,7 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact(tiny_dirs, tiny_tokenize
     assert state["step"] == 5 and all(v == v for v in state["losses"])
 
 
+@pytest.mark.slow
 def test_smollm2_sliding_window_finetunes_a_few_steps(tmp_path):
     """Acceptance: SmolLM2 + sliding-window on the Wikipedia training text, through the CLI."""
     from attnswap.cli import main

@@ -51,6 +51,7 @@ def test_recurrent_decoding_equals_the_parallel_form(tiny_dirs, name, opts, pref
     assert err <= 1e-4
 
 
+@pytest.mark.slow
 def test_smollm2_recurrent_decoding_equals_the_parallel_form():
     model = attnswap.convert(attnswap.load_model("smollm2-135m"), "linear", feature_map="hedgehog", window=16, sinks=4)
     err, _ = decode_vs_parallel(perturbed(model), sample_ids(model.config.vocab_size, batch=1, length=48), 20)

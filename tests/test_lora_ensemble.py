@@ -57,6 +57,7 @@ def test_one_member_with_b_zero_equals_the_original(tiny_dirs, name):
         assert (got - torch.log_softmax(ref, -1)).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_smollm2_members_start_as_the_original(smollm2_dir):
     model = attnswap.load_model(smollm2_dir)
     ids = sample_ids(model.config.vocab_size, batch=1, length=64)

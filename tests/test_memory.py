@@ -216,7 +216,6 @@ def test_evolution_resumes_to_the_same_result(tiny_dirs, tiny_tokenizer, tmp_pat
     assert len(straight["history"]) == 4 and timeless(straight["history"]) == timeless(resumed["history"])
     a = (tmp_path / "a" / "namm.safetensors").read_bytes()
     assert a == (tmp_path / "b" / "namm.safetensors").read_bytes()
-    assert straight["best"] <= straight["history"][0]["start"]
     with pytest.raises(attnswap.AttnswapError, match="already exists"):
         _evolve(model, tiny_tokenizer, tmp_path / "a", 3)
 
@@ -232,7 +231,6 @@ def test_evolution_starts_from_an_init_vector(tiny_dirs, tiny_tokenizer, tmp_pat
     again = evolve(model, tiny_tokenizer, task="ppl", data=str(WIKI_TEST), out=tmp_path / "b", generations=1,
                    population=4, sigma=0.5, progress=False, task_kw=kw, init=first["params"])
     assert again["history"][0]["start"] == first["best"]  # the same vector, the same (deterministic) fitness
-    assert again["best"] <= first["best"]
     theta = attnswap.variants.memory.load_params(first["params"]).double().numpy()
     assert fitness(model, tiny_tokenizer, "ppl", str(WIKI_TEST), theta, **kw)[0] == first["best"]
     with pytest.raises(attnswap.AttnswapError, match="not found"):

@@ -100,6 +100,7 @@ def test_lora_finetune_trains_through_the_approximation(tiny_dirs, tiny_tokenize
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, losses
 
 
+@pytest.mark.slow
 def test_smollm2_budgets_against_the_original(smollm2_dir):
     """4,096 WikiText tokens in 1,024-token windows: full budget = original; 0.5 within 1.10x (issue 4)."""
     from attnswap.evaluate import perplexity
@@ -126,6 +127,7 @@ def test_bad_options_are_one_line_errors(tiny_dirs, tmp_path, capsys):
         assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_minilm_sentence_embeddings_stay_close():
     """all-MiniLM-L6-v2 as it is used (mean pooling over a padded batch), 200 WikiText sentences, block 32."""
     from attnswap.models import load_tokenizer

@@ -25,6 +25,7 @@ def test_convert_save_load_gives_the_same_outputs(tiny_dirs, tiny_tokenizer, tmp
     assert (outputs(again, ids) - before).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_smollm2_round_trip_and_full_window(smollm2_dir, tmp_path):
     """The real model: window >= length equals the original; convert -> save -> load is exact."""
     model = attnswap.load_model("smollm2-135m")
@@ -48,6 +49,7 @@ def test_already_converted_is_refused(tiny_dirs):
         attnswap.convert(model, "sliding-window")
 
 
+@pytest.mark.slow
 def test_minilm_alias_loads_and_converts():
     model = attnswap.load_model("minilm-l6")
     tok = attnswap.load_tokenizer("minilm-l6")

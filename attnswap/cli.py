@@ -10,7 +10,7 @@ import typer
 from typer.exceptions import TyperException
 
 from .config import ConvertConfig, DistillConfig, EvalConfig, ExportConfig, FinetuneConfig, field_help
-from .errors import AttnswapError
+from .errors import AttnswapError, first_validation_error
 
 app = typer.Typer(help="Swap the self-attention of pretrained transformers for efficient or improved variants.",
                   add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -414,11 +414,10 @@ def _config(cls, **values):
     try:
         return cls(**values)
     except ValidationError as e:
-        err = e.errors()[0]
-        msg = err["msg"].removeprefix("Value error, ")
-        if not err["loc"]:
+        loc, msg, _ = first_validation_error(e)
+        if not loc:
             raise AttnswapError(f"bad options: {msg}") from None
-        raise AttnswapError(f"bad --{str(err['loc'][0]).replace('_', '-')}: {msg}") from None
+        raise AttnswapError(f"bad --{str(loc[0]).replace('_', '-')}: {msg}") from None
 
 
 @app.command()

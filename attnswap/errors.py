@@ -36,3 +36,10 @@ def did_you_mean(word: str, choices) -> str:
 
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def first_validation_error(error) -> tuple[tuple, str, object]:
+    """(location, message, input) of a pydantic ValidationError's first error, the one every caller reports
+    on one line ("Value error, " dropped from messages raised by validators)."""
+    err = error.errors()[0]
+    return tuple(err["loc"]), err["msg"].removeprefix("Value error, "), err.get("input")

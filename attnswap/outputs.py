@@ -467,6 +467,28 @@ def writing(out: str | os.PathLike, *, force: bool = False, protect: Iterable[Gu
             raise
 
 
+@contextlib.contextmanager
+def atomic_folder(final: Path, label: str = "folder") -> Iterator[Path]:
+    """A folder inside a directory this process holds (a checkpoint in a run directory): yields a scratch
+    folder beside `final`; when the block ends it gets a manifest and normal permissions, is fsynced and
+    renamed to `final` (replacing one there). On failure it is removed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.attnswap-tmp-"))
+    try:
+        yield tmp
+        write_manifest(tmp)
+        normal_modes(tmp)
+        fsync_tree(tmp)
+        faults.point(f"{label}_written")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_atomic(path: Path, text: str, label: str = "state") -> None:
     """Replace one text file whole: written beside it, fsynced, renamed over it."""
     tmp = path.parent / f".{path.name}.attnswap-tmp-{os.getpid()}-{secrets.token_hex(3)}"

@@ -12,7 +12,7 @@ from . import faults, outputs
 from .checkpoint import read_metrics, save
 from .config import Recipe
 from .data import check_data
-from .errors import AttnswapError
+from .errors import AttnswapError, first_validation_error
 
 
 def load_recipe(path: str | os.PathLike) -> tuple[Recipe, str]:
@@ -31,9 +31,8 @@ def load_recipe(path: str | os.PathLike) -> tuple[Recipe, str]:
     try:
         recipe = Recipe(**raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "(recipe)"
-        msg = err["msg"].removeprefix("Value error, ")
+        loc, msg, _ = first_validation_error(e)
+        where = ".".join(str(x) for x in loc) or "(recipe)"
         raise AttnswapError(f"recipe {path}: field '{where}': {msg}") from None
     return _resolve_paths(recipe, Path(os.path.realpath(p)).parent), text
 

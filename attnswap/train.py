@@ -14,7 +14,6 @@ import math
 import os
 import pickle
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -160,27 +159,16 @@ def _save_checkpoint(run: Path, step: int, model, optimizer, scheduler, cfg: Fin
         raise TrainingDiverged(f"'{bad}' became non-finite by step {step}; nothing was saved (resume with "
                                "--resume and a lower --lr)")
     root = run / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.attnswap-tmp-"))
-    try:
+    with outputs.atomic_folder(root / f"step-{step:06d}", label="finetune.checkpoint") as tmp:
         save_file(weights, str(tmp / "trainable.safetensors"))
         faults.point("finetune.checkpoint")
         tensors, meta = _flatten_state(optimizer, scheduler, rng)
         save_file(tensors, str(tmp / "training.safetensors"))
         state = {"step": step, "config": cfg.model_dump(), "losses": losses, "resumes": history, **meta}
         (tmp / "state.json").write_text(json.dumps(state))
-        outputs.write_manifest(tmp)
-        outputs.fsync_tree(tmp)
-        faults.point("finetune.checkpoint_written")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+    return root / f"step-{step:06d}"
 
 
 def _checkpoint_problem(ckpt: Path) -> str | None:

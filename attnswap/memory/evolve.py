@@ -70,6 +70,9 @@ def evolve(model, tokenizer, *, task: str, data: str, out: str | os.PathLike, ge
                 changed = [k for k in settings if saved["settings"].get(k) != settings[k]]
                 raise AttnswapError(f"--resume with different {', '.join(changed)} than the run of {out}; use the "
                                     "same options")
+            if "fitness" not in saved.get("cmaes", {}):
+                raise AttnswapError(f"the run of {out} was written by attnswap 0.1.0's own CMA-ES, which resume no "
+                                    "longer continues; start it again with --force (or --init its namm.safetensors)")
             es, history = CMAES.from_state(saved["cmaes"]), saved["history"]
         else:
             es = CMAES(x0, sigma, popsize=population, seed=seed)
@@ -111,9 +114,8 @@ def evolve(model, tokenizer, *, task: str, data: str, out: str | os.PathLike, ge
 
 
 def _save_params(path: Path, x) -> None:
-    tmp = path.parent / f".{path.name}.attnswap-tmp-{os.getpid()}"
-    save_file({"namm": torch.tensor(x, dtype=torch.float32)}, str(tmp))
-    os.replace(tmp, path)
+    outputs.write_file(path, lambda tmp: save_file({"namm": torch.tensor(x, dtype=torch.float32)}, str(tmp)),
+                       label="evolve.params_file")
 
 
 def _read_state(path: Path) -> dict:

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from ..arch import ArchAdapter, Geometry, Site
-from ..errors import AttnswapError, did_you_mean
+from ..errors import AttnswapError, did_you_mean, first_validation_error
 
 
 class VariantOptions(BaseModel):
@@ -63,10 +63,10 @@ class Variant(nn.Module):
         try:
             return cls.Options(**values)
         except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
+            loc, msg, given = first_validation_error(e)
+            where = ".".join(str(p) for p in loc)
             raise AttnswapError(
-                f"bad value for option '{where}' of variant '{cls.name}': {err['msg']} (got {err.get('input')!r})"
+                f"bad value for option '{where}' of variant '{cls.name}': {msg} (got {given!r})"
             ) from None
 
     @classmethod

@@ -379,23 +379,28 @@ def test_non_finite_weights_are_never_saved_and_never_evaluated(tiny_dirs, tmp_p
 
 # ------------------------------------------------------------------------------------------- one writer
 
-def test_two_writers_on_one_out(tiny_dirs, tmp_path, capsys):
-    out, hold = tmp_path / "sw", tmp_path / "hold"
+@pytest.mark.parametrize("command", ["convert", "finetune"])
+def test_two_writers_on_one_out(command, tiny_dirs, tmp_path, capsys):
+    out, hold = tmp_path / "out", tmp_path / "hold"
     hold.mkdir()
-    first = attnswap_child("convert", tiny_dirs["llama"], "--to", "sliding-window", "--set", "window=8", "--out",
-                           out, fault="convert.staged:hold", fault_dir=hold, wait=False)
+    args = {"convert": ["convert", tiny_dirs["llama"], "--to", "sliding-window", "--set", "window=8"],
+            "finetune": ["finetune", tiny_dirs["llama"], "--data", WIKI_TRAIN, "--steps", "2", "--seq-len", "32"]}
+    first = attnswap_child(*args[command], "--out", out, fault=f"{command}.staged:hold", fault_dir=hold, wait=False)
     try:
         wait_reached(hold, first)
         # the second fails at once on the lock, with one line, while the first still holds it
         t0 = time.monotonic()
-        code, _, err = cli(capsys, "convert", tiny_dirs["llama"], "--to", "sliding-window", "--set", "window=4",
-                           "--out", out, "--force")
+        code, _, err = cli(capsys, *args[command], "--out", out, "--force")
         one_line(code, err, "another attnswap process is writing")
         assert time.monotonic() - t0 < 30 and first.poll() is None
     finally:
         (hold / "release").touch()
     assert first.wait(timeout=120) == 0, first.stderr.read()[-2000:]
-    assert whole(out) and config_section(out)["options"]["window"] == 8 and scratch(tmp_path) == []
+    assert whole(out) and scratch(tmp_path) == [] and not run_dir(out).exists()
+    if command == "convert":
+        assert config_section(out)["options"]["window"] == 8
+    else:
+        assert len(json.loads((out / "losses.json").read_text())) == 2
 
 
 def test_an_output_that_appears_meanwhile_is_not_replaced(tiny_dirs, tmp_path):

@@ -276,23 +276,36 @@ def lock(target: str | os.PathLike, *, wait: bool = False) -> Iterator[None]:
         os.close(fd)
 
 
-def _leftovers(target: Path) -> bool:
-    """Whether dead runs may have left scratch for `target`: staging dirs or a set-aside old output."""
-    if not target.parent.is_dir():
-        return False
+def _scratch_of(target: Path) -> tuple[list[Path], list[Path]]:
+    """(set-aside old outputs, staging folders) that runs of `target` may have left beside it: attnswap's own
+    names, and 0.1.0's (`.NAME.old-PID`, `.NAME.tmp-XXXXXXXX` from mkdtemp) when they are folders."""
+    parent = target.parent
+    if not parent.is_dir():
+        return [], []
     name = glob.escape(target.name)
-    return any(any(target.parent.glob(f".{name}.{kind}-*")) for kind in ("attnswap-old", "attnswap-tmp", "old", "tmp"))
+    legacy_old = re.compile(rf"^\.{re.escape(target.name)}\.old-\d+$")
+    legacy_tmp = re.compile(rf"^\.{re.escape(target.name)}\.tmp-[a-z0-9_]{{8}}$")
+    olds = sorted(parent.glob(f".{name}.attnswap-old-*")) + sorted(
+        p for p in parent.glob(f".{name}.old-*") if legacy_old.match(p.name) and p.is_dir())
+    tmps = sorted(parent.glob(f".{name}.attnswap-tmp-*")) + sorted(
+        p for p in parent.glob(f".{name}.tmp-*") if legacy_tmp.match(p.name) and p.is_dir())
+    return olds, tmps
+
+
+def _leftovers(target: Path) -> bool:
+    """Whether dead runs may have left scratch for `target`: staging folders or a set-aside old output."""
+    olds, tmps = _scratch_of(target)
+    return bool(olds or tmps)
 
 
 def recover(target: Path) -> None:
     """Under the target's lock: rename back an old output a kill left set aside mid-swap, and remove the
-    staging directories and set-aside outputs of dead runs (including attnswap 0.1.0's names)."""
-    parent, name = target.parent, glob.escape(target.name)
-    olds = sorted(parent.glob(f".{name}.attnswap-old-*")) + sorted(parent.glob(f".{name}.old-*"))
+    staging folders and set-aside outputs of dead runs (including attnswap 0.1.0's names)."""
+    olds, tmps = _scratch_of(target)
     if olds and not os.path.lexists(target):
         os.replace(olds.pop(0), target)
         warn(f"restored '{target}' (a replacement of it was interrupted)")
-    for stale in [*olds, *parent.glob(f".{name}.attnswap-tmp-*"), *parent.glob(f".{name}.tmp-*")]:
+    for stale in [*olds, *tmps]:
         _remove(stale)
 
 

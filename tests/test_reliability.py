@@ -138,9 +138,11 @@ def test_outputs_of_0_1_0_are_recognised(tiny_dirs, tmp_path, capsys):
 def test_stale_scratch_of_dead_runs_is_removed(tiny_dirs, tmp_path, capsys):
     (tmp_path / ".sw.attnswap-tmp-dead1").mkdir()
     (tmp_path / ".sw.attnswap-tmp-dead1" / "model.safetensors").write_bytes(b"partial")
-    (tmp_path / ".sw.tmp-0.1.0").mkdir()  # 0.1.0's staging name
+    (tmp_path / ".sw.tmp-k3j_x9q2").mkdir()  # 0.1.0's staging name (mkdtemp)
+    (tmp_path / ".sw.tmp-my-notes.txt").write_text("a user's file that only looks like scratch")
     assert cli(capsys, "convert", tiny_dirs["llama"], "--to", "sliding-window", "--out", tmp_path / "sw")[0] == 0
-    assert scratch(tmp_path) == [] and not (tmp_path / ".sw.tmp-0.1.0").exists()
+    assert scratch(tmp_path) == [] and not (tmp_path / ".sw.tmp-k3j_x9q2").exists()
+    assert (tmp_path / ".sw.tmp-my-notes.txt").read_text().startswith("a user's file")
 
 
 def test_outputs_get_normal_permissions(tiny_dirs, tmp_path, capsys):

@@ -34,35 +34,66 @@ def _through_attnswap(model: nn.Module):
 
 
 @contextlib.contextmanager
+def _probed(modules: list[nn.Module], probe):
+    """Attach `probe` to the attention modules in the block (the attention function calls it after each
+    layer's attention); head scaling runs before recording whatever the nesting, as a masked model outputs."""
+    for m in modules:
+        probes = [*getattr(m, attention.PROBES, ()), probe]
+        setattr(m, attention.PROBES, sorted(probes, key=lambda p: p.order))
+    try:
+        yield
+    finally:
+        for m in modules:
+            rest = [p for p in getattr(m, attention.PROBES, ()) if p is not probe]
+            if rest:
+                setattr(m, attention.PROBES, rest)
+            elif hasattr(m, attention.PROBES):
+                delattr(m, attention.PROBES)
+
+
+class _Recorder:
+    order = 1
+
+    def __init__(self, layer_of: dict, found: dict, inputs: bool):
+        self.layer_of, self.found, self.inputs = layer_of, found, inputs
+
+    def __call__(self, module, out, query, key, value):
+        entry = (out[0].detach(), query.detach(), key.detach(), value.detach()) if self.inputs else out[0].detach()
+        self.found.setdefault(self.layer_of[module], []).append(entry)
+        return out
+
+
+class _HeadScale:
+    order = 0
+
+    def __init__(self, scales: dict):
+        self.scales = scales  # attention module -> [H]
+
+    def __call__(self, module, out, query, key, value):
+        scale = self.scales[module]
+        return (out[0] * scale.to(out[0].dtype).view(1, 1, -1, 1), *out[1:])
+
+
+@contextlib.contextmanager
 def recording(model: nn.Module, inputs: bool = False):
     """Yields a dict filled during the block: layer index -> list of per-head outputs [B, T, H, D] (one per call).
 
     With `inputs`, each entry is (output, query [B, H, T, D], key, value [B, Hkv, T, D]) instead.
     """
-    calls: list = []
     found: dict[int, list] = {}
     with _through_attnswap(model) as modules:
-        layer_of = {id(m): i for i, m in modules.items()}
-        attention.RECORDERS.append(calls)
-        try:
+        layer_of = {m: i for i, m in modules.items()}
+        with _probed(list(modules.values()), _Recorder(layer_of, found, inputs)):
             yield found
-        finally:
-            attention.RECORDERS.remove(calls)
-            for module, out, qkv in calls:
-                found.setdefault(layer_of[id(module)], []).append((out, *qkv) if inputs else out)
 
 
 @contextlib.contextmanager
 def heads_scaled(model: nn.Module, scales: dict[int, torch.Tensor]):
     """Within the block, layer i's head outputs are multiplied by scales[i] ([H]; 0 masks a head)."""
     with _through_attnswap(model) as modules:
-        ids = [id(modules[i]) for i in scales]
-        attention.HEAD_SCALES.update({id(modules[i]): s for i, s in scales.items()})
-        try:
+        chosen = {modules[i]: s for i, s in scales.items()}
+        with _probed(list(chosen), _HeadScale(chosen)):
             yield model
-        finally:
-            for key in ids:
-                attention.HEAD_SCALES.pop(key, None)
 
 
 def head_redundancy(out: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:

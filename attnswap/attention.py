@@ -4,17 +4,14 @@ Every attention module of a converted model calls `attnswap_attention`; a module
 (its `attnswap` submodule) is computed by that variant, any other module by plain SDPA. Registration
 happens when a model is converted or loaded, never on `import attnswap`.
 """
-import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 IMPLEMENTATION = "attnswap"
-# lists that attnswap.analysis.recording() hands out: each attention call appends
-# (module, output [B, T, H, D], (query, key, value)) with the inputs as the variant received them
-RECORDERS: list[list] = []
-# id(attention module) -> [H] multipliers of its head outputs (attnswap.analysis.heads_scaled: head masking)
-HEAD_SCALES: dict[int, torch.Tensor] = {}
+# the attribute of an attention module that holds the probes attached to it for a while (attnswap.analysis:
+# recording, head masking): each probe is called as probe(module, out, query, key, value) -> out
+PROBES = "attnswap_probes"
 
 
 def attnswap_attention(module, query, key, value, attention_mask, **kwargs):
@@ -23,11 +20,8 @@ def attnswap_attention(module, query, key, value, attention_mask, **kwargs):
         out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     else:
         out = variant(module, query, key, value, attention_mask, **kwargs)
-    scale = HEAD_SCALES.get(id(module))
-    if scale is not None:
-        out = (out[0] * scale.to(out[0].dtype).view(1, 1, -1, 1), *out[1:])
-    for rec in RECORDERS:
-        rec.append((module, out[0].detach(), (query.detach(), key.detach(), value.detach())))
+    for probe in getattr(module, PROBES, ()):
+        out = probe(module, out, query, key, value)
     return out
 
 

@@ -47,3 +47,26 @@ def test_recording_sees_a_variant_output(tiny_dirs):
     a, b = before[0][0], after[0][0]
     assert (a[:, :, [0, 1, 3]] - b[:, :, [0, 1, 3]]).abs().max() <= 1e-6
     assert torch.allclose(b[:, :, 2], a[:, :, 2] * 0.5, atol=1e-5)  # W = I, lambda 0.5: O (1 - 0.5)
+
+
+def test_masking_and_recording_nest_in_either_order_and_leave_nothing_behind(tiny_dirs):
+    """Probes live on the attention modules only inside their blocks; a masked head records as zero whether
+    the recording block is outside or inside the masking block (scaling runs first)."""
+    from attnswap import attention
+    from attnswap.analysis import heads_scaled
+
+    model = attnswap.load_model(tiny_dirs["llama"])
+    ids = sample_ids(model.config.vocab_size, length=15)
+    mask = {1: torch.tensor([1.0, 0.0, 1.0, 1.0])}
+    with recording(model) as outer:
+        with heads_scaled(model, mask):
+            masked = outputs(model, ids)
+    with heads_scaled(model, mask):
+        with recording(model) as inner:
+            outputs(model, ids)
+    for rec in (outer, inner):
+        assert rec[1][0][:, :, 1].abs().max() == 0 and rec[1][0][:, :, 0].abs().max() > 0
+        assert rec[0][0][:, :, 1].abs().max() > 0  # layer 0 is not masked
+    assert (inner[1][0] - outer[1][0]).abs().max() <= 1e-6
+    assert (masked - outputs(model, ids)).abs().max() > 1e-4  # masking ended with its block
+    assert not any(hasattr(m, attention.PROBES) for m in model.modules())

@@ -43,15 +43,23 @@ def save(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, force: boo
     return outputs.user_path(out)
 
 
-def check_finite(model: nn.Module, what: str = "the model") -> None:
-    """Refuse to save non-finite weights: a checkpoint that loads is a checkpoint that works."""
+def first_non_finite(tensors) -> str | None:
+    """The name of the first floating tensor holding NaN/inf in (name, tensor) pairs, or None."""
     import torch
 
+    for name, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def check_finite(model: nn.Module, what: str = "the model") -> None:
+    """Refuse to save non-finite weights: a checkpoint that loads is a checkpoint that works."""
     from .errors import NumericalError
 
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise NumericalError(f"{what} has non-finite values in '{name}'; nothing was written")
+    bad = first_non_finite(model.state_dict().items())
+    if bad is not None:
+        raise NumericalError(f"{what} has non-finite values in '{bad}'; nothing was written")
 
 
 def read_metrics(directory: str | os.PathLike) -> dict:

@@ -55,18 +55,6 @@ def _finite(value):
 ALLOW_LONG_HELP = "allow --seq-len beyond the model's maximum positions (rotary models; outputs past them are not meaningful)"
 
 
-def _require_finite(what: str, **numbers) -> None:
-    """An evaluation that yields NaN/inf is a failure (exit 3), not a result."""
-    import math
-
-    from .errors import NumericalError
-
-    bad = {k: v for k, v in numbers.items() if not math.isfinite(v)}
-    if bad:
-        raise NumericalError(f"{what} gave non-finite {', '.join(f'{k} {v}' for k, v in bad.items())}: the model "
-                             "gives non-finite logits; check its weights (a diverged fine-tune, an fp16 overflow)")
-
-
 def parse_sets(items: list[str]) -> dict:
     """--set key=value, values read as YAML scalars ('256' -> 256, 'true' -> True, '[1, 2]' -> [1, 2])."""
     import yaml
@@ -234,7 +222,7 @@ def eval_calibration(
     from pathlib import Path
 
     from .data import check_data
-    from .evaluate import require_causal_lm
+    from .evaluate import require_causal_lm, require_finite
     from .models import check_fits, check_positions, load_config, load_model, load_tokenizer
     from .uncertainty import calibration, reliability_plot
 
@@ -254,7 +242,7 @@ def eval_calibration(
     check_fits(config, 1, cfg.seq_len)
     result = calibration(load_model(source, merge_lora=True), load_tokenizer(source), cfg.data,
                          max_tokens=cfg.max_tokens, seq_len=cfg.seq_len, label=source)
-    _require_finite(f"eval calibration of {source}", nll=result["nll"], ece=result["ece"])
+    require_finite(f"eval calibration of {source}", nll=result["nll"], ece=result["ece"])
     if plot is not None:
         from .outputs import write_file
 
@@ -305,7 +293,7 @@ def eval_memory(
 ):
     """Perplexity and passkey retrieval under a pruned KV cache; kept fraction and peak cache bytes."""
     from .data import check_data
-    from .evaluate import require_causal_lm
+    from .evaluate import require_causal_lm, require_finite
     from .memory import memory_model
     from .memory.tasks import long_context_perplexity, passkey
     from .models import check_positions, load_config, load_tokenizer
@@ -334,7 +322,7 @@ def eval_memory(
     lines = []
     if "ppl" in chosen:
         r = long_context_perplexity(model, tok, data, context=context, score_from=score_from, documents=documents)
-        _require_finite(f"eval memory of {source}", perplexity=r["perplexity"])
+        require_finite(f"eval memory of {source}", perplexity=r["perplexity"])
         result["ppl"] = r
         lines.append(f"long-context perplexity {r['perplexity']:.4f} (tokens {score_from}..{context} of {documents} "
                      f"document{'s' if documents > 1 else ''}), kept "
@@ -629,9 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         return _fail(interrupted, 130)
     except OSError as e:
-        from .outputs import _write_error
+        from .outputs import write_error
 
-        mapped = _write_error(e, getattr(e, "filename", None) or "the output")
+        mapped = write_error(e, getattr(e, "filename", None) or "the output")
         if mapped is None:
             raise
         return _fail(str(mapped), mapped.exit_code)

@@ -26,6 +26,14 @@ def require_causal_lm(config, label: str = "this model") -> None:
         raise AttnswapError(f"perplexity needs a causal language model; {label} is a bidirectional {adapter.name} encoder")
 
 
+def require_finite(what: str, **numbers: float) -> None:
+    """An evaluation that yields NaN/inf is a failure (exit 3), not a result."""
+    bad = ", ".join(f"{k} {v}" for k, v in numbers.items() if not math.isfinite(v))
+    if bad:
+        raise NumericalError(f"{what} is not finite ({bad}): the model gives non-finite logits; check its weights "
+                             "(a diverged fine-tune, an fp16 overflow)")
+
+
 @torch.no_grad()
 def window_nll(model, batch: torch.Tensor) -> torch.Tensor:
     """Summed NLL of the next-token predictions of each row: [B, T] ids -> [B]."""
@@ -63,9 +71,7 @@ def perplexity(model, tokenizer, data: str, *, max_tokens: int | None = None, se
     bar.close()
     predictions = len(rows) * (seq_len - 1)
     nll = total / predictions
-    if not math.isfinite(nll):
-        raise NumericalError(f"the perplexity of {label} is not finite (mean NLL {nll}): the model gives non-finite "
-                             "logits; check its weights (a diverged fine-tune, an fp16 overflow)")
+    require_finite(f"the perplexity of {label}", nll=nll)
     return {
         "perplexity": math.exp(nll),
         "nll": nll,

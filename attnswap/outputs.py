@@ -415,6 +415,13 @@ def fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
+def _seal(folder: Path) -> None:
+    """A finished folder, before its rename: its manifest, normal permissions, everything fsynced."""
+    write_manifest(folder)
+    normal_modes(folder)
+    fsync_tree(folder)
+
+
 def _swap(stage: Path, target: Path, out, *, replace: bool, label: str) -> None:
     old = None
     if os.path.lexists(target):
@@ -433,7 +440,7 @@ def _swap(stage: Path, target: Path, out, *, replace: bool, label: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_error(e: BaseException, out) -> WriteError | None:
+def write_error(e: BaseException, out) -> WriteError | None:
     """A disk-full or permission failure as a one-line error (safetensors reports them as its own error)."""
     if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
         where = f" ({e.filename})" if e.filename else ""
@@ -467,14 +474,12 @@ def writing(out: str | os.PathLike, *, force: bool = False, protect: Iterable[Gu
             faults.point(f"{label}.staged")
             yield stage
             faults.point(f"{label}.written")
-            write_manifest(stage)
-            normal_modes(stage)
-            fsync_tree(stage)
+            _seal(stage)
             _swap(stage, target, out, replace=replace, label=label)
         except BaseException as e:
             if progress is None or not any(stage.glob(progress)):
                 shutil.rmtree(stage, ignore_errors=True)
-            mapped = _write_error(e, out)
+            mapped = write_error(e, out)
             if mapped is not None:
                 raise mapped from None
             raise
@@ -489,9 +494,7 @@ def atomic_folder(final: Path, label: str = "folder") -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.attnswap-tmp-"))
     try:
         yield tmp
-        write_manifest(tmp)
-        normal_modes(tmp)
-        fsync_tree(tmp)
+        _seal(tmp)
         faults.point(f"{label}_written")
         if final.exists():
             shutil.rmtree(final)
@@ -504,19 +507,7 @@ def atomic_folder(final: Path, label: str = "folder") -> Iterator[Path]:
 
 def write_atomic(path: Path, text: str, label: str = "state") -> None:
     """Replace one text file whole: written beside it, fsynced, renamed over it."""
-    tmp = path.parent / f".{path.name}.attnswap-tmp-{os.getpid()}-{secrets.token_hex(3)}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        faults.point(f"{label}.written")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+    write_file(path, lambda tmp: tmp.write_text(text), label=label)
 
 
 def write_file(path: Path, writer, label: str = "file") -> None:
@@ -536,7 +527,7 @@ def write_file(path: Path, writer, label: str = "file") -> None:
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        mapped = _write_error(e, path)
+        mapped = write_error(e, path)
         if mapped is not None:
             raise mapped from None
         raise

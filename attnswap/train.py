@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import faults, outputs
 from .arch import adapter_for
-from .checkpoint import check_finite, write_model
+from .checkpoint import check_finite, first_non_finite, write_model
 from .config import FinetuneConfig
 from .data import training_ids, windows
 from .errors import AttnswapError, TrainingDiverged
@@ -141,23 +141,10 @@ def _unflatten_state(tensors: dict, meta: dict) -> tuple[dict, dict, list]:
     return optim, meta["scheduler"], rng
 
 
-def _finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
-
-
-def _save_checkpoint(run: Path, step: int, model, optimizer, scheduler, cfg: FinetuneConfig, losses, rng: list,
-                     history: list) -> Path:
-    """One checkpoint, atomically: staged as a scratch folder inside checkpoints/, given a manifest with
-    checksums, renamed to step-NNNNNN. Refused (TrainingDiverged) when a trainable tensor is not finite,
-    so the newest checkpoint is always a good one."""
-    weights = trainable_state(model)
-    bad = _finite(weights)
-    if bad is not None:
-        raise TrainingDiverged(f"'{bad}' became non-finite by step {step}; nothing was saved (resume with "
-                               "--resume and a lower --lr)")
+def _save_checkpoint(run: Path, step: int, weights: dict[str, torch.Tensor], optimizer, scheduler,
+                     cfg: FinetuneConfig, losses, rng: list, history: list) -> Path:
+    """One checkpoint of the (finite: the caller checked) trainable `weights`, atomically: staged as a scratch
+    folder inside checkpoints/, given a manifest with checksums, renamed to step-NNNNNN."""
     root = run / CHECKPOINTS
     with outputs.atomic_folder(root / f"step-{step:06d}", label="finetune.checkpoint") as tmp:
         save_file(weights, str(tmp / "trainable.safetensors"))
@@ -348,13 +335,14 @@ def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, 
         faults.point("finetune.step")
         if done % cfg.save_every == 0 or done == cfg.steps:
             rng = gather_object([_rng_state()]) if world > 1 else [_rng_state()]
-            bad = _finite(trainable_state(accelerator.unwrap_model(model)))
+            # only finite weights are saved, so the newest checkpoint is always a good one
+            weights = trainable_state(accelerator.unwrap_model(model))
+            bad = first_non_finite(weights.items())
             if bad is not None:
                 raise TrainingDiverged(f"'{bad}' became non-finite by step {done}; not saved, {where} (resume "
                                        "with --resume and a lower --lr)")
             if accelerator.is_main_process:
-                last_ckpt = _save_checkpoint(run, done, accelerator.unwrap_model(model), optimizer, scheduler,
-                                             cfg, losses, rng, history)
+                last_ckpt = _save_checkpoint(run, done, weights, optimizer, scheduler, cfg, losses, rng, history)
             accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(done, mean_loss)

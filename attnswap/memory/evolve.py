@@ -93,29 +93,27 @@ def evolve(model, tokenizer, *, task: str, data: str, out: str | os.PathLike, ge
             history.append({"generation": es.generation, "best": es.best_f, "min": float(min(fs)),
                             "mean": float(np.mean(fs)), "sigma": es.sigma,
                             "seconds": round(time.perf_counter() - t0, 1)})
-            # parameters first, then the state that names the generation: a kill between the two leaves the
-            # previous state, which resumes to the same result (it recomputes this generation)
-            _save_params(run / PARAMS, es.best_x)
-            faults.point("evolve.params")
-            outputs.write_atomic(run / STATE, json.dumps({"settings": settings, "cmaes": es.state(),
-                                                          "history": history}), label="evolve.state")
+            _save_progress(run, es, settings, history)
             bar.update(1)
             bar.set_postfix(best=f"{es.best_f:.4f}", mean=f"{np.mean(fs):.4f}", sigma=f"{es.sigma:.3f}")
             if log:
                 log(f"generation {es.generation}: best {es.best_f:.5f}, min {min(fs):.5f}, mean {np.mean(fs):.5f}")
         bar.close()
         if not (run / PARAMS).is_file():  # zero generations asked: the start is the best
-            _save_params(run / PARAMS, es.best_x)
-            outputs.write_atomic(run / STATE, json.dumps({"settings": settings, "cmaes": es.state(),
-                                                          "history": history}))
+            _save_progress(run, es, settings, history)
     out = outputs.user_path(out)
     return {"out": str(out), "params": str(out / PARAMS), "best": es.best_f, "generations": es.generation,
             "evaluations": es.evaluations, "history": history}
 
 
-def _save_params(path: Path, x) -> None:
-    outputs.write_file(path, lambda tmp: save_file({"namm": torch.tensor(x, dtype=torch.float32)}, str(tmp)),
-                       label="evolve.params_file")
+def _save_progress(run: Path, es: CMAES, settings: dict, history: list) -> None:
+    """The best vector first, then the state that names its generation: a kill between the two leaves the
+    previous state, which resumes to the same result (it recomputes this generation)."""
+    best = {"namm": torch.tensor(es.best_x, dtype=torch.float32)}
+    outputs.write_file(run / PARAMS, lambda tmp: save_file(best, str(tmp)), label="evolve.params_file")
+    faults.point("evolve.params")
+    outputs.write_atomic(run / STATE, json.dumps({"settings": settings, "cmaes": es.state(), "history": history}),
+                         label="evolve.state")
 
 
 def _read_state(path: Path) -> dict:

@@ -1,8 +1,10 @@
-"""attnswap: swap the self-attention of pretrained transformers for efficient or improved variants.
+"""attnswap: swap the self-attention of pretrained transformers for efficient or improved methods.
 
     import attnswap
     model = attnswap.load_model("smollm2-135m")
-    attnswap.convert(model, "sliding-window", window=256, sinks=4)
+    attnswap.convert(model, "sliding-window", window=256, sinks=4)          # one method, every layer
+    attnswap.convert(other, {"attention": [{"layers": "0-9", "method": "linear"}],
+                             "cache": {"policy": "h2o", "budget": 0.25}})   # a plan
     attnswap.save(model, "runs/smollm2-sw", tokenizer=attnswap.load_tokenizer("smollm2-135m"))
     again = attnswap.load("runs/smollm2-sw")
 """
@@ -19,7 +21,8 @@ _API = {
     "revert": ("surgery", "revert"),
     "save": ("checkpoint", "save"),
     "perplexity": ("evaluate", "perplexity"),
-    "list_variants": ("variants.registry", "all_variants"),
+    "list_methods": ("commands", "list_methods"),
+    "plan_of": ("surgery", "plan_of"),
 }
 
 

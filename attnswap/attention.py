@@ -1,28 +1,57 @@
 """The "attnswap" attention implementation registered with transformers.
 
-Every attention module of a converted model calls `attnswap_attention`; a module that carries a variant
-(its `attnswap` submodule) is computed by that variant, any other module by plain SDPA. Registration
-happens when a model is converted or loaded, never on `import attnswap`.
+Every attention module of a converted model calls `attnswap_attention`. What runs is read from the module
+itself and from one explicit argument:
+- the module's attention method (its `attnswap` submodule), else plain SDPA (the original attention);
+- the layer's cache layer, when it is one of attnswap's (a method's own decoding state, or a cache policy's
+  pruned cache): a forward pre-hook on the attention module (`cache_hook`) takes it from the cache object by
+  layer index and passes it as the keyword argument `attnswap_cache_layer`, which transformers forwards to the
+  attention function; that layer's `attend` then computes the attention (with the method, if any).
+Probes (recording and head masking, attnswap.methods.attention.analysis) are attached to a module for the
+duration of a block. Registration happens when a model is converted or loaded, never on `import attnswap`.
 """
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 IMPLEMENTATION = "attnswap"
-# the attribute of an attention module that holds the probes attached to it for a while (attnswap.analysis:
-# recording, head masking): each probe is called as probe(module, out, query, key, value) -> out
+# the keyword argument that carries a layer's attnswap cache layer into the attention function
+CACHE_LAYER = "attnswap_cache_layer"
+# the attribute of an attention module that holds the probes attached to it for a while: each probe is called
+# as probe(module, out, query, key, value) -> out
 PROBES = "attnswap_probes"
 
 
 def attnswap_attention(module, query, key, value, attention_mask, **kwargs):
-    variant = getattr(module, "attnswap", None)
-    if variant is None or variant.bypass:
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    layer = kwargs.pop(CACHE_LAYER, None)
+    method = getattr(module, "attnswap", None)
+    if method is not None and method.bypass:
+        method = None
+    if layer is not None:
+        out = layer.attend(module, query, key, value, attention_mask, method=method, **kwargs)
+    elif method is not None:
+        out = method(module, query, key, value, attention_mask, **kwargs)
     else:
-        out = variant(module, query, key, value, attention_mask, **kwargs)
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     for probe in getattr(module, PROBES, ()):
         out = probe(module, out, query, key, value)
     return out
+
+
+def cache_hook(index: int):
+    """A forward pre-hook for the attention module of layer `index`: when the call carries a cache whose layer
+    there is attnswap's (it has `attend`), pass that layer to the attention function."""
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name since transformers 5.2x, and before
+        layers = getattr(cache, "layers", None)
+        i = getattr(module, "layer_idx", None)
+        i = index if i is None else i  # the index the module itself updates the cache with
+        if layers is None or i >= len(layers) or not hasattr(layers[i], "attend"):
+            return None
+        return args, {**kwargs, CACHE_LAYER: layers[i]}
+
+    return hook
 
 
 def ensure_registered() -> str:

@@ -76,21 +76,28 @@ def _safetensors_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.safetensors"))
 
 
-def load_variant_tensors(model: nn.Module, directory: Path) -> None:
-    """Load the tensors the variants own (`...attnswap.*`), which the base class does not know about."""
-    wanted = {k: v for k, v in model.state_dict().items() if ".attnswap." in k}
+OWN = (".attnswap.", ".attnswap_cache.", ".attnswap_tuner.")
+
+
+def load_method_tensors(model: nn.Module, directory: Path, legacy_prefix: str | None = None) -> None:
+    """Load the tensors the plan's methods own (`...attnswap.*`, `...attnswap_cache.*`, `...attnswap_tuner.*`),
+    which the base class does not know about. `legacy_prefix`: a 0.1.0 checkpoint keeps them all under
+    `.attnswap.`; they load into that submodule instead (`plan.legacy_tensor_prefix`)."""
+    wanted = {k: v for k, v in model.state_dict().items() if any(o in k for o in OWN)}
     if not wanted:
         return
+    rename = (lambda k: k.replace(".attnswap.", f".{legacy_prefix}.")) if legacy_prefix else (lambda k: k)
     found = {}
     try:
         for f in _safetensors_files(directory):
             with safe_open(str(f), framework="pt") as st:
                 for k in st.keys():
-                    if k in wanted:
-                        found[k] = st.get_tensor(k)
+                    if rename(k) in wanted:
+                        found[rename(k)] = st.get_tensor(k)
     except (SafetensorError, OSError) as e:
         raise AttnswapError(f"cannot read checkpoint '{directory}': {e}") from None
     missing = sorted(set(wanted) - set(found))
     if missing:
-        raise AttnswapError(f"checkpoint '{directory}' lacks {len(missing)} variant tensors, e.g. '{missing[0]}'")
+        raise AttnswapError(f"checkpoint '{directory}' lacks {len(missing)} tensors of its plan's methods, e.g. "
+                            f"'{missing[0]}'")
     model.load_state_dict(found, strict=False)

@@ -1,26 +1,57 @@
-"""Typed configs for every step. The CLI and YAML recipes both go through these, so option help and
-validation are written once, on the fields. Override order: defaults, then the recipe, then CLI flags."""
+"""Typed configs, one per command. The CLI's options are generated from them (`attnswap.cli.from_config`) and
+recipe steps are the same models, so defaults, help and validation are written once, on the fields.
+Override order: defaults, then the recipe, then CLI flags. A field marked `path=True` is a file or folder
+(`~` expands; in a recipe it is relative to the recipe's folder); `cli=False` fields are not CLI options."""
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+
+PATH = {"path": True}
+NO_CLI = {"cli": False}
 
 
 class _Config(BaseModel):
     # inf / nan are refused at the edge: `--lr inf` is a one-line error, not a run of non-finite weights
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+
+class _Lengths(_Config):
+    allow_long: bool = Field(False, description="allow lengths beyond the model's maximum positions (rotary models "
+                                                "only; for speed measurements, outputs past them are not meaningful)")
 
 
 class ConvertConfig(_Config):
-    variant: str = Field(description="variant name (see 'attnswap list')")
-    options: dict[str, Any] = Field(default_factory=dict, description="variant options, key: value")
-    layers: str | list[int] | None = Field(None, description="layers to convert, e.g. '0-5,10' (default: all)")
-    calibration: str | None = Field(None, description="text on which variants that measure the model first "
-                                                      "(dex head selection) measure it")
+    to: str | None = Field(None, validation_alias=AliasChoices("to", "method", "variant"),
+                           description="one method (see 'attnswap list'): the shorthand of a one-entry plan")
+    plan: str | dict | None = Field(None, description="plan YAML file (per-layer attention methods, a cache policy, "
+                                                      "a tuner; see docs/architecture.md); in a recipe also inline",
+                                    json_schema_extra=PATH)
+    options: dict[str, Any] = Field(default_factory=dict, description="options of --to, key: value",
+                                    json_schema_extra=NO_CLI)
+    layers: str | list[int] | None = Field(None, description="layers --to converts, e.g. '0-5,10' (default: all)")
+    calibration: str | None = Field(None, description="text on which methods that measure the model first (dex head "
+                                                      "selection) measure it", json_schema_extra=PATH)
     calibration_tokens: int = Field(4096, ge=2, description="calibration tokens, drawn as windows from the text")
     calibration_seq_len: int = Field(512, ge=2, description="calibration window length")
     seed: int = Field(0, description="seed for drawing the calibration windows")
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if (self.to is None) == (self.plan is None):
+            raise ValueError("give exactly one of --to METHOD and --plan FILE")
+        if self.plan is not None and (self.options or self.layers is not None):
+            raise ValueError("options and layers belong inside the plan when --plan is given")
+        return self
+
+    def spec(self) -> dict:
+        """The plan this asks for, as a dict."""
+        from . import plan
+
+        if self.plan is None:
+            return plan.shorthand(self.to, self.options, self.layers)
+        return plan.read(self.plan) if isinstance(self.plan, str) else self.plan
 
     def calibration_for(self, tokenizer):
         """The calibration windows (None without calibration text)."""
@@ -31,48 +62,46 @@ class ConvertConfig(_Config):
         return calibration(tokenizer, self.calibration, self.calibration_tokens, self.calibration_seq_len, self.seed)
 
 
-class DistillConfig(_Config):
-    data: str = Field(description="training text: a UTF-8 file, or 'wikitext-train' through datasets")
+class DistillConfig(_Lengths):
+    data: str = Field(description="training text: a UTF-8 file, or 'wikitext-train' through datasets",
+                      json_schema_extra=PATH)
     tokens: int = Field(gt=0, description="training tokens in all (steps = tokens / (batch_size x seq_len))")
     seq_len: int = Field(1024, ge=2, description="tokens per training sequence")
     batch_size: int = Field(1, ge=1, description="sequences per step")
-    lr: float = Field(1e-2, gt=0, description="Adam learning rate of the variant's new parameters")
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate of the attention methods' new parameters")
     seed: int = Field(0, description="seed for the data order")
-    allow_long: bool = Field(False, description="allow --seq-len beyond the model's maximum positions (rotary "
-                                                "models only)")
 
     @property
     def steps(self) -> int:
         return max(1, self.tokens // (self.batch_size * self.seq_len))
 
 
-class FinetuneConfig(_Config):
-    data: str = Field(description="training text: a UTF-8 file, or 'wikitext-train' through datasets")
+class FinetuneConfig(_Lengths):
+    data: str = Field(description="training text: a UTF-8 file, or 'wikitext-train' through datasets",
+                      json_schema_extra=PATH)
     steps: int = Field(gt=0, description="optimizer steps")
-    lora_r: int = Field(8, ge=0, description="LoRA rank on q/k/v/o (0: train only the variant's own parameters)")
+    lora_r: int = Field(8, ge=0, description="LoRA rank on q/k/v/o (0: train only the plan's own parameters; a plan "
+                                             "with a tuner trains the tuner instead)")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / r)")
     lr: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
-    variant_lr: float | None = Field(None, gt=0, description="peak learning rate of the variant's own parameters "
-                                                             "(default: lr)")
-    warmup: int = Field(10, ge=0, description="linear warm-up steps, then linear decay to 0")
+    variant_lr: float | None = Field(None, gt=0, description="peak learning rate of the plan's own parameters "
+                                                             "(attention methods, tuner; default: lr)")
+    warmup: int = Field(10, ge=0, description="linear warm-up steps from 0, then linear decay to 0 (transformers' "
+                                              "linear schedule)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     seq_len: int = Field(512, ge=2, description="tokens per training sequence")
     batch_size: int = Field(1, ge=1, description="sequences per step per process")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     save_every: int = Field(50, ge=1, description="write a resumable checkpoint every N steps")
     seed: int = Field(0, description="seed for LoRA init and data order")
-    allow_long: bool = Field(False, description="allow --seq-len beyond the model's maximum positions (rotary "
-                                                "models only)")
 
 
-class EvalConfig(_Config):
-    data: str = Field(description="evaluation text: a UTF-8 file, or 'wikitext' through datasets")
-    max_tokens: int | None = Field(16384, gt=1, description="use the first N tokens of the text")
+class _Text(_Lengths):
+    data: str = Field(description="evaluation text: a UTF-8 file, or 'wikitext' through datasets",
+                      json_schema_extra=PATH)
+    max_tokens: int | None = Field(16384, gt=1, description="use the first N tokens of the text (null in a recipe "
+                                                            "or the API: all)")
     seq_len: int = Field(1024, ge=2, description="window length; each window is scored on its own")
-    batch_size: int = Field(1, ge=1, description="windows per forward pass")
-    compare: bool = Field(True, description="also evaluate the original model and report the ratio")
-    allow_long: bool = Field(False, description="allow --seq-len beyond the model's maximum positions (rotary "
-                                                "models only; for speed measurements, not meaningful outputs)")
 
     @model_validator(mode="after")
     def _one_window(self):
@@ -81,22 +110,137 @@ class EvalConfig(_Config):
         return self
 
 
+class EvalConfig(_Text):
+    batch_size: int = Field(1, ge=1, description="windows per forward pass")
+    compare: str | bool | None = Field(None, description="also evaluate this original model and report the ratio "
+                                                         "(in a recipe, true: the recipe's model)",
+                                       json_schema_extra=PATH)
+
+
+class CalibrationConfig(_Text):
+    plot: str | None = Field(None, description="write the reliability diagram to this PNG file",
+                             json_schema_extra=PATH)
+
+    @model_validator(mode="after")
+    def _png(self):
+        if self.plot is not None and not self.plot.endswith(".png"):
+            raise ValueError(f"plot '{self.plot}': give a .png file name")
+        return self
+
+
+class _Cache(_Config):
+    policy: str | None = Field(None, description="cache policy (see 'attnswap list'; default: the model's own)")
+    options: dict[str, Any] = Field(default_factory=dict, description="policy options, key: value (--set)",
+                                    json_schema_extra=NO_CLI)
+    budget: float | None = Field(None, gt=0, le=1, description="kept fraction per layer and KV head (default: the "
+                                                               "policy's)")
+    interval: int | None = Field(None, ge=1, description="evict every N tokens (default: the policy's)")
+
+    def policy_options(self) -> dict:
+        extra = {k: v for k, v in (("budget", self.budget), ("interval", self.interval)) if v is not None}
+        return {**self.options, **extra}
+
+
+class MemoryEvalConfig(_Cache):
+    data: str = Field(description="text for long-context perplexity and passkey filler", json_schema_extra=PATH)
+    tasks: list[Literal["ppl", "passkey"]] = Field(["ppl", "passkey"], description="ppl, passkey or both")
+    context: int = Field(8192, ge=2, description="long-context perplexity: document length")
+    score_from: int = Field(4096, ge=1, description="long-context perplexity: first scored token")
+    documents: int = Field(1, ge=1, description="long-context perplexity: pooled over this many consecutive "
+                                                "context-long stretches of the data")
+    passkey_context: int = Field(4096, ge=64, description="passkey: prompt length")
+    depths: list[float] = Field([0.1, 0.3, 0.5, 0.7, 0.9], description="passkey: depths of the key (fractions)")
+    trials: int = Field(2, ge=1, description="passkey: keys per depth")
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.score_from >= self.context:
+            raise ValueError(f"score_from {self.score_from} must be below context {self.context}")
+        if not self.tasks:
+            raise ValueError("give at least one task: ppl, passkey")
+        if not all(0 <= d <= 1 for d in self.depths):
+            raise ValueError("each depth is a fraction in [0, 1]")
+        return self
+
+
+class EvolveConfig(_Cache):
+    data: str = Field(description="text for the task", json_schema_extra=PATH)
+    task: Literal["ppl", "passkey"] = Field("ppl", description="ppl (long-context perplexity) or passkey")
+    generations: int = Field(10, ge=0, description="CMA-ES generations")
+    population: int = Field(8, ge=2, description="candidates per generation")
+    budget: float | None = Field(0.25, gt=0, le=1, description="kept fraction while evolving")
+    sigma: float = Field(0.1, ge=1e-6, description="CMA-ES initial step size")
+    context: int = Field(4096, ge=2, description="ppl: document length; passkey: prompt length")
+    score_from: int = Field(2048, ge=1, description="ppl: first scored token")
+    documents: int = Field(1, ge=1, description="ppl: consecutive documents the fitness averages over (more "
+                                                "generalise better, cost more)")
+    trials: int = Field(1, ge=1, description="passkey: keys per depth")
+    seed: int = Field(0, description="CMA-ES seed")
+    init: str | None = Field(None, description="start from this parameters file (a vector evolved before) instead "
+                                               "of the policy's initial vector", json_schema_extra=PATH)
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.task == "ppl" and self.score_from >= self.context:
+            raise ValueError(f"score_from {self.score_from} must be below context {self.context}")
+        return self
+
+    def task_kw(self) -> dict:
+        if self.task == "ppl":
+            return {"context": self.context, "score_from": self.score_from, "documents": self.documents}
+        return {"context": self.context, "trials": self.trials}
+
+
+class GenerateConfig(_Lengths):
+    prompt: str = Field(description="text to continue")
+    max_new_tokens: int = Field(64, ge=1, description="tokens to generate")
+    temperature: float = Field(0.0, ge=0, description="0: greedy; > 0: sampling")
+    seed: int = Field(0, description="sampling seed")
+    record_every: int = Field(0, ge=0, description="record cache bytes every K tokens")
+
+
 class ExportConfig(_Config):
     merge_lora: bool = Field(True, description="merge LoRA into the weights (else keep adapter/ beside them)")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="weight dtype of the export")
+    member: int | None = Field(None, ge=0, description="export only member K of an ensemble, merged into the "
+                                                       "weights as a plain model")
+    keep_fp32: bool = Field(False, description="keep tensors whose values exceed the dtype's range in fp32 "
+                                               "(default: refuse the export, naming the tensor)")
 
 
 class Recipe(_Config):
-    """convert -> distill -> finetune -> eval -> export, from one YAML file (recipes/*.yaml)."""
+    """convert -> evolve -> distill -> finetune -> eval (perplexity, memory, calibration) -> generate -> export,
+    from one YAML file (recipes/*.yaml); every step but convert is optional."""
 
     model: str = Field(description="model source: alias, directory, .gguf file or hub id")
     convert: ConvertConfig
+    evolve: EvolveConfig | None = None
     distill: DistillConfig | None = None
     finetune: FinetuneConfig | None = None
     eval: EvalConfig | None = None
+    eval_memory: MemoryEvalConfig | None = None
+    eval_calibration: CalibrationConfig | None = None
+    generate: GenerateConfig | None = None
     export: ExportConfig | None = Field(default_factory=ExportConfig)
-    out: str | None = Field(None, description="run directory (the CLI's --out overrides it)")
+    out: str | None = Field(None, description="run directory (the CLI's --out overrides it)", json_schema_extra=PATH)
+
+    @model_validator(mode="after")
+    def _compare_default(self):
+        # in a recipe, perplexity is compared with the recipe's model unless `compare: false`
+        if self.eval is not None and self.eval.compare in (None, True):
+            self.eval = self.eval.model_copy(update={"compare": self.model})
+        elif self.eval is not None and self.eval.compare is False:
+            self.eval = self.eval.model_copy(update={"compare": None})
+        return self
+
+
+STEPS = ("evolve", "distill", "finetune", "eval", "eval_memory", "eval_calibration", "generate", "export")
 
 
 def field_help(model: type[BaseModel], name: str) -> str:
     return model.model_fields[name].description or ""
+
+
+def is_path(model: type[BaseModel], name: str) -> bool:
+    extra = model.model_fields[name].json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("path"))

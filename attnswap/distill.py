@@ -20,7 +20,7 @@ from .checkpoint import save
 from .config import DistillConfig
 from .data import training_ids, windows
 from .errors import AttnswapError, TrainingDiverged
-from .surgery import bypassed, variant_modules
+from .surgery import bypassed, method_modules
 
 
 class _Capture:
@@ -68,12 +68,13 @@ def distill(model, tokenizer, cfg: DistillConfig, out: str | Path | None = None,
     (whole or not at all; `protect`: inputs `out` may not be or contain)."""
     if out is not None:
         outputs.check_out(out, force, protect)
-    variants = variant_modules(model)
+    variants = method_modules(model)
     attn_modules = {path: model.get_submodule(path) for path in variants}
     params = {path: v.trainable_parameters() for path, v in variants.items()}
     if not any(params.values()):
-        name = model.config.attnswap["variant"] if hasattr(model.config, "attnswap") else "?"
-        raise AttnswapError(f"variant '{name}' has no parameters to distill; go straight to finetune")
+        names = sorted({type(v).name for v in variants.values()}) or ["none"]
+        raise AttnswapError(f"the plan's attention methods ({', '.join(names)}) have no parameters to distill; go "
+                            "straight to finetune")
     torch.manual_seed(cfg.seed)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .arch import adapter_for
 from .data import encode, read_text, windows
 from .errors import AttnswapError, NumericalError
-from .surgery import _base
+from .surgery import base_model as _base
 
 
 def require_causal_lm(config, label: str = "this model") -> None:

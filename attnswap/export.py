@@ -11,7 +11,7 @@ from . import outputs
 from .checkpoint import read_metrics, write_model
 from .errors import NumericalError
 from .models import load_model, load_tokenizer, resolve
-from .variants.registry import get_variant
+from .plan import describe as describe_plan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHARD_SIZE = "2GB"
@@ -23,11 +23,10 @@ def model_card(name: str, section: dict | None, metrics: dict, recipe: str | Non
         lines += [origin, ""]
     if section:
         lines += [
-            f"- attention variant: `{section['variant']}`",
-            f"- options: `{json.dumps(section['options'], sort_keys=True)}`",
-            f"- converted layers: {section['layers']}",
-            *[f"- {line}" for line in get_variant(section["variant"]).describe(section)],
-            f"- versions: {', '.join(f'{k} {v}' for k, v in section['versions'].items())}",
+            "Plan (layers not named keep the original attention):",
+            "",
+            *[f"- {line}" for line in describe_plan(section)],
+            f"- versions: {', '.join(f'{k} {v}' for k, v in section.get('versions', {}).items())}",
             "",
         ]
     else:
@@ -36,9 +35,9 @@ def model_card(name: str, section: dict | None, metrics: dict, recipe: str | Non
     ev = metrics.get("eval")
     if ev:
         lines += ["| model | perplexity | predictions | data | seq_len |", "|---|---:|---:|---|---:|"]
-        for who in ("converted", "original"):
-            if who in ev:
-                r = ev[who]
+        rows = {"converted": ev.get("converted", ev), "original": ev.get("original")}  # 0.1.0 kept "converted"
+        for who, r in rows.items():
+            if r:
                 lines.append(f"| {who} | {r['perplexity']:.3f} | {r['tokens']} | {ev['data']} | {r['seq_len']} |")
         if "ratio" in ev:
             lines += ["", f"Perplexity ratio converted / original: {ev['ratio']:.4f}"]
@@ -52,7 +51,7 @@ def model_card(name: str, section: dict | None, metrics: dict, recipe: str | Non
         lines.append("")
     ft = metrics.get("finetune")
     if ft:
-        trained = f"LoRA r={ft['lora_r']}" if ft["lora_r"] else "the variant's own parameters only"
+        trained = f"LoRA r={ft['lora_r']}" if ft["lora_r"] else "the plan's own parameters only"
         lines += [f"Fine-tuned {ft['steps']} steps ({trained}, lr={ft['lr']}, seq_len={ft['seq_len']}) "
                   f"on {ft['data']}: mean loss of the first / last 10 steps {ft['loss_start_mean']} -> "
                   f"{ft['loss_end_mean']}, {ft['tokens']} tokens, "
@@ -69,7 +68,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, merge_lora: boo
            force: bool = False, member: int | None = None, keep_fp32: bool = False, protect=()) -> Path:
     """Write `source` as a self-contained checkpoint directory at `out`, whole or not at all.
 
-    `member` k: of a model with members (lora-ensemble), only member k, folded into the backbone weights:
+    `member` k: of a model whose tuner has members (an ensemble), only member k, folded into the backbone weights:
     a plain model of the original architecture. A tensor whose values do not fit `dtype` (fp16 beyond
     65504) is refused, naming it, or kept in fp32 with `keep_fp32` (the model card says which).
     """
@@ -111,13 +110,14 @@ def _export(source, out, *, merge_lora, dtype, force, member, keep_fp32, guards)
     model = load_model(source, merge_lora=merge_lora)
     origin = None
     if member is not None:
-        from .members import extract_member, member_count
+        from .methods.tuners.members import extract_member, member_count
+        from .surgery import plan_of
 
-        ensemble = dict(getattr(model.config, "attnswap", None) or {})  # extract_member removes the section
+        tuner = (plan_of(model) or ({}, {}))[0].get("tuner") or {}  # extract_member removes the plan
         n = member_count(model)
         model = extract_member(model, member)
-        origin = (f"Member {member} of {n} of the `{ensemble.get('variant')}` model `{source}` "
-                  f"(options `{json.dumps(ensemble.get('options'), sort_keys=True)}`), merged into the weights.")
+        origin = (f"Member {member} of {n} of the `{tuner.get('method')}` model `{source}` "
+                  f"(options `{json.dumps(tuner.get('options'), sort_keys=True)}`), merged into the weights.")
     kept = cast_checked(model, dtype, keep_fp32)
     if kept:
         outputs.warn(f"{len(kept)} tensors exceed {dtype}'s range and stay fp32, e.g. '{kept[0]}'")

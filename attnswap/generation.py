@@ -1,4 +1,4 @@
-"""Generation with the caches the variants ask for (e.g. the linear variant's O(1) state), with measurements."""
+"""Generation with the caches a plan asks for (a method's own state, a cache policy's pruned cache), with measurements."""
 from __future__ import annotations
 
 import time
@@ -7,18 +7,23 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .arch import adapter_for
-from .surgery import _base, variant_modules
+from .surgery import base_model, method_modules
 
 
 def make_cache(model) -> Cache:
-    """One cache layer per attention layer: the variant's own where it has one, else a growing KV layer."""
-    base = _base(model)
+    """One cache layer per attention layer: the attention method's own where it has one, else the cache
+    policy's pruned cache where the plan has one for the layer, else a growing KV layer."""
+    from .methods.cache.pruned import PrunedLayer
+
+    base = base_model(model)
     adapter = adapter_for(base.config)
-    variants = variant_modules(base)
+    methods, policies = method_modules(base, "attention"), method_modules(base, "cache")
     layers = []
     for site in adapter.sites(base):
-        variant = variants.get(site.path)
-        layer = variant.make_cache_layer() if variant is not None else None
+        method, policy = methods.get(site.path), policies.get(site.path)
+        layer = method.make_cache_layer() if method is not None else None
+        if layer is None and policy is not None:
+            layer = PrunedLayer(policy)
         layers.append(layer if layer is not None else DynamicLayer())
     return Cache(layers=layers)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import plan as plans
 from .errors import AttnswapError
 
 
@@ -204,14 +205,15 @@ def load_tokenizer(source: str | os.PathLike):
 def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, merge_lora: bool = False):
     """Load a model from an alias, GGUF file, directory or hub id; a converted checkpoint comes back converted.
 
-    A checkpoint written by `attnswap.save` carries an `attnswap` section in its config.json: the same
-    surgery is applied again and the variant's own tensors are loaded. A LoRA adapter saved beside it
+    A checkpoint written by `attnswap.save` carries an `attnswap` section in its config.json: its plan is
+    applied again (no measurement: the stored options are resolved) and the methods' own tensors are loaded.
+    Sections written by attnswap 0.1.0 load as the equivalent plan. A LoRA adapter saved beside it
     (`adapter/`) is attached with PEFT, or merged into the weights when `merge_lora` is set.
     """
     from transformers.utils import logging as hf_logging
 
     from .arch import adapter_for
-    from .checkpoint import load_variant_tensors
+    from .checkpoint import load_method_tensors
 
     config = load_config(source)
     adapter_for(config)  # unsupported architecture: fail before reading weights
@@ -219,7 +221,7 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     location = _hf_location(src)
     section = getattr(config, "attnswap", None)
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # variant tensors are "unexpected" to the base class; we load them below
+    hf_logging.set_verbosity_error()  # method tensors are "unexpected" to the base class; we load them below
     try:
         model = _auto_class(config).from_pretrained(location, dtype=dtype)
     except Exception as e:  # noqa: BLE001
@@ -228,12 +230,10 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         hf_logging.set_verbosity(verbosity)
     model.eval()
     if section:
-        from .surgery import convert
+        from .surgery import restore
 
-        del model.config.attnswap
-        convert(model, section["variant"], layers=section["layers"], **section["options"])
-        model.config.attnswap = section
-        load_variant_tensors(model, Path(location))
+        restore(model, section)
+        load_method_tensors(model, Path(location), plans.legacy_tensor_prefix(section))
     adapter_dir = Path(location) / "adapter"
     if (adapter_dir / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -255,6 +255,15 @@ def _checkpoint_error(src: Source, err: Exception) -> AttnswapError:
 def describe_aliases() -> list[dict]:
     return [{"alias": k, "package": v.pip_name, "model": v.description} for k, v in ALIASES.items()]
 
+
+
+def layer_count(config) -> int:
+    """Attention layers of a model, from its config."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise AttnswapError(f"cannot tell the number of layers of this {getattr(config, 'model_type', '?')} model")
 
 
 def max_positions(config) -> int | None:

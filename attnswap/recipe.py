@@ -1,4 +1,6 @@
-"""Recipes: convert -> distill -> finetune -> eval -> export from one YAML file, validated in full before any step runs."""
+"""Recipes: convert, then any of evolve, distill, finetune, eval (perplexity, memory, calibration), generate,
+export, from one YAML file; each step is a command's typed config (attnswap.config), validated in full before any
+step runs."""
 from __future__ import annotations
 
 import json
@@ -10,7 +12,7 @@ from pydantic import ValidationError
 
 from . import faults, outputs
 from .checkpoint import read_metrics, save
-from .config import Recipe
+from .config import STEPS, Recipe, is_path
 from .data import check_data
 from .errors import AttnswapError, first_validation_error
 
@@ -38,67 +40,92 @@ def load_recipe(path: str | os.PathLike) -> tuple[Recipe, str]:
 
 
 def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Every path field of every step (marked `path=True` in attnswap.config) relative to the recipe's folder."""
     from .data import HUB_TEXTS
     from .models import ALIASES
 
-    def data(value):
-        if value is None or value in HUB_TEXTS:
+    def model(value):
+        if not isinstance(value, str) or value in ALIASES:
+            return value
+        local = base / outputs.user_path(value)
+        looks_local = value.startswith((".", "/", "~")) or value.endswith(".gguf")
+        return str(local) if looks_local or os.path.lexists(local) else value
+
+    def path(value):
+        if not isinstance(value, str) or value in HUB_TEXTS:
             return value
         return str(base / outputs.user_path(value))
 
-    model = recipe.model
-    if model not in ALIASES:
-        local = base / outputs.user_path(model)
-        looks_local = model.startswith((".", "/", "~")) or model.endswith(".gguf")
-        if looks_local or os.path.lexists(local):
-            model = str(local)
-    update = {"model": model, "convert": recipe.convert.model_copy(update={"calibration": data(recipe.convert.calibration)})}
-    for step in ("distill", "finetune", "eval"):
+    update = {"model": model(recipe.model)}
+    for step in ("convert", *STEPS):
         cfg = getattr(recipe, step)
-        if cfg is not None:
-            update[step] = cfg.model_copy(update={"data": data(cfg.data)})
+        if cfg is None:
+            continue
+        changes = {}
+        for name in type(cfg).model_fields:
+            if is_path(type(cfg), name) and getattr(cfg, name) is not None:
+                value = getattr(cfg, name)
+                changes[name] = model(value) if name == "compare" else path(value)
+        update[step] = cfg.model_copy(update=changes)
     if recipe.out is not None:
-        update["out"] = str(base / outputs.user_path(recipe.out))
+        update["out"] = path(recipe.out)
     return recipe.model_copy(update=update)
 
 
 def _guards(recipe: Recipe, recipe_path: str | None) -> list:
-    files = {"recipe": recipe_path, "calibration": recipe.convert.calibration}
-    for step in ("distill", "finetune", "eval"):
+    files = {"recipe": recipe_path, "calibration": recipe.convert.calibration,
+             "plan": recipe.convert.plan if isinstance(recipe.convert.plan, str) else None}
+    for step in STEPS:
         cfg = getattr(recipe, step)
-        files[f"{step} data"] = cfg.data if cfg is not None else None
+        if cfg is not None and hasattr(cfg, "data"):
+            files[f"{step} data"] = cfg.data
+    if recipe.evolve is not None:
+        files["evolve init"] = recipe.evolve.init
     return outputs.inputs(recipe.model, **files)
 
 
 def validate(recipe: Recipe, out: str | None, force: bool, recipe_path: str | None = None) -> Path:
-    """Every check that can fail without training, before any step writes: source, architecture, variant and
-    options, data, lengths against the model's positions and this machine's memory, the output."""
+    """Every check that can fail without training, before any step writes: source, architecture, the plan
+    (methods, options, layers, composition), data, lengths against the model's positions and this machine's
+    memory, the output."""
+    from . import commands
     from .arch import adapter_for
+    from .methods import kinds
     from .models import check_fits, check_positions, load_config
-    from .variants.registry import get_variant
 
     out = out or recipe.out
     if not out:
         raise AttnswapError("no output directory: pass --out or set 'out' in the recipe")
     outputs.check_out(out, force, _guards(recipe, recipe_path))
+    plan = commands.check_convert(recipe.model, recipe.convert)
     config = load_config(recipe.model)
     adapter = adapter_for(config)
-    cls = get_variant(recipe.convert.variant)
-    cls.check_supported(adapter, cls.parse_options(recipe.convert.options))
-    if recipe.convert.calibration:
-        check_data(recipe.convert.calibration)
-        check_positions(config, min(recipe.convert.calibration_seq_len, recipe.convert.calibration_tokens),
-                        "convert.calibration_seq_len")
-    for step in ("distill", "finetune", "eval"):
+    for step in ("distill", "finetune", "eval", "eval_calibration"):
         cfg = getattr(recipe, step)
         if cfg is None:
             continue
         check_data(cfg.data)
         check_positions(config, cfg.seq_len, f"{step}.seq_len", allow_long=cfg.allow_long)
-        check_fits(config, cfg.batch_size, cfg.seq_len, training=step != "eval",
+        batch = getattr(cfg, "batch_size", 1)
+        check_fits(config, batch, cfg.seq_len, training=step in ("distill", "finetune"),
                    flags=f"{step}.batch_size or {step}.seq_len")
-    if recipe.eval and not adapter.causal:
-        raise AttnswapError(f"recipe eval measures perplexity, which needs a causal LM; {recipe.model} is {adapter.name}")
+    if (recipe.eval or recipe.eval_calibration or recipe.eval_memory or recipe.generate) and not adapter.causal:
+        raise AttnswapError(f"recipe evaluations and generation need a causal LM; {recipe.model} is {adapter.name}")
+    for step in ("eval_memory", "evolve"):
+        cfg = getattr(recipe, step)
+        if cfg is None:
+            continue
+        check_data(cfg.data)
+        check_positions(config, cfg.context, f"{step}.context")
+        if cfg.policy is not None:
+            cls = kinds()["cache"].get(cfg.policy)
+            cls.check_options(cls.parse_options(cfg.policy_options()))
+        elif plan.cache is None and (step == "evolve" or cfg.policy_options()):
+            raise AttnswapError(f"recipe {step}: the plan has no cache policy; give {step}.policy")
+    if recipe.evolve is not None:
+        policy = recipe.evolve.policy or (plan.cache.cls.name if plan.cache else None)
+        if policy is None or not kinds()["cache"].get(policy).evolvable:
+            raise AttnswapError(f"recipe evolve: cache policy '{policy}' has no parameters to evolve")
     return outputs.user_path(out)
 
 
@@ -114,33 +141,46 @@ def run(recipe: Recipe, recipe_text: str, out: str | None = None, *, force: bool
 
 
 def _run_steps(recipe: Recipe, recipe_text: str, out: Path, stage: Path, *, progress: bool, log) -> dict:
+    from . import commands
     from .distill import distill
-    from .evaluate import perplexity
-    from .export import export
+    from .methods.cache.evolve import evolvable_policy, evolve
     from .models import load_model, load_tokenizer
-    from .surgery import convert
+    from .surgery import convert, with_cache_policy
     from .train import finetune
 
     (stage / "recipe.yaml").write_text(recipe_text)
     results: dict = {"recipe": recipe.model_dump(mode="json")}
     files = {"recipe.yaml": recipe_text}
 
-    log(f"[1] convert {recipe.model} -> {recipe.convert.variant}")
+    log(f"[convert] {recipe.model} -> {recipe.convert.to or recipe.convert.plan}")
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model)
-    convert(model, recipe.convert.variant, layers=recipe.convert.layers,
-            calibration=recipe.convert.calibration_for(tokenizer), **recipe.convert.options)
+    convert(model, recipe.convert.spec(), calibration=recipe.convert.calibration_for(tokenizer))
     done = save(model, stage / "converted", tokenizer=tokenizer, files=files)
     faults.point("run.converted")
 
+    if recipe.evolve:
+        ev = recipe.evolve
+        log(f"[evolve] {ev.generations} generations of {ev.population} on {ev.data}")
+        if ev.policy is not None or ev.policy_options():
+            with_cache_policy(model, ev.policy, ev.policy_options())
+        results["evolve"] = evolve(model, tokenizer, task=ev.task, data=ev.data, out=stage / "evolve",
+                                   generations=ev.generations, population=ev.population, sigma=ev.sigma,
+                                   seed=ev.seed, task_kw=ev.task_kw(), init=ev.init, progress=progress)
+        policies, buffer = evolvable_policy(model)
+        best = type(policies[0]).load_params(results["evolve"]["params"])
+        for p in policies:
+            getattr(p, buffer).copy_(best)  # the best vector, not the last candidate tried
+        done = save(model, stage / "evolved", tokenizer=tokenizer, files=files)
+
     if recipe.distill:
-        log(f"[2] distill {recipe.distill.tokens} tokens on {recipe.distill.data}")
+        log(f"[distill] {recipe.distill.tokens} tokens on {recipe.distill.data}")
         results["distill"] = distill(model, tokenizer, recipe.distill, stage / "distilled", progress=progress)
         outputs.add_files(stage / "distilled", {"recipe.yaml": recipe_text})
         done = stage / "distilled"
 
     if recipe.finetune:
-        log(f"[3] finetune {recipe.finetune.steps} steps on {recipe.finetune.data}")
+        log(f"[finetune] {recipe.finetune.steps} steps on {recipe.finetune.data}")
         results["finetune"] = finetune(model, tokenizer, recipe.finetune, stage / "finetuned", progress=progress,
                                        metrics=read_metrics(done))
         outputs.add_files(stage / "finetuned", {"recipe.yaml": recipe_text})
@@ -149,19 +189,28 @@ def _run_steps(recipe: Recipe, recipe_text: str, out: Path, stage: Path, *, prog
 
     if recipe.eval:
         ev = recipe.eval
-        log(f"[4] eval perplexity on {ev.data} ({ev.max_tokens} tokens, seq_len {ev.seq_len})")
-        kw = dict(max_tokens=ev.max_tokens, seq_len=ev.seq_len, batch_size=ev.batch_size, progress=progress)
-        evaluated = load_model(done, merge_lora=True)
-        results["eval"] = {"data": ev.data, "converted": perplexity(evaluated, tokenizer, ev.data, label="converted", **kw)}
-        if ev.compare:
-            original = perplexity(load_model(recipe.model), tokenizer, ev.data, label="original", **kw)
-            results["eval"]["original"] = original
-            results["eval"]["ratio"] = results["eval"]["converted"]["perplexity"] / original["perplexity"]
+        log(f"[eval] perplexity on {ev.data} ({ev.max_tokens} tokens, seq_len {ev.seq_len})")
+        results["eval"] = {"data": ev.data, **commands.eval_perplexity(str(done), ev, progress=progress)}
         outputs.add_files(done, {"metrics.json": json.dumps({**read_metrics(done), "eval": results["eval"]}, indent=2)})
+    if recipe.eval_memory:
+        log(f"[eval_memory] {', '.join(recipe.eval_memory.tasks)} on {recipe.eval_memory.data}")
+        results["eval_memory"] = commands.eval_memory(str(done), recipe.eval_memory)
+    if recipe.eval_calibration:
+        log(f"[eval_calibration] on {recipe.eval_calibration.data}")
+        cal = recipe.eval_calibration
+        if cal.plot is not None:  # the plot is an output of the run: it goes into the run directory
+            cal = cal.model_copy(update={"plot": str(stage / Path(cal.plot).name)})
+        results["eval_calibration"] = commands.eval_calibration(str(done), cal)
+    if recipe.generate:
+        log(f"[generate] {recipe.generate.max_new_tokens} tokens")
+        results["generate"] = commands.generate(str(done), recipe.generate)
 
     if recipe.export:
-        log(f"[5] export ({recipe.export.dtype}, merge_lora={recipe.export.merge_lora}) -> {out / 'final'}")
-        export(done, stage / "final", merge_lora=recipe.export.merge_lora, dtype=recipe.export.dtype)
+        log(f"[export] ({recipe.export.dtype}, merge_lora={recipe.export.merge_lora}) -> {out / 'final'}")
+        from .export import export
+
+        export(done, stage / "final", merge_lora=recipe.export.merge_lora, dtype=recipe.export.dtype,
+               member=recipe.export.member, keep_fp32=recipe.export.keep_fp32)
         results["final"] = str(out / "final")
-    (stage / "results.json").write_text(json.dumps(results, indent=2))
+    (stage / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return results

@@ -1,4 +1,11 @@
-"""Find attention sites, attach a variant to the chosen ones, record what was swapped; and undo it."""
+"""Apply a plan to a model: attach each layer's attention method, cache policy and tuner to its attention
+module, record the plan in the config; and undo it.
+
+Each kind lives on the attention module as a submodule of its own name (`ATTRS`): `attnswap` (the attention
+method), `attnswap_cache` (the cache policy), `attnswap_tuner` (the tuner). The attention function
+(`attnswap.attention`) reads them from the module it is called for; a forward pre-hook on each attention module
+hands it that layer's cache layer from the cache object (an explicit keyword argument).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,100 +13,165 @@ from typing import Any
 
 from torch import nn
 
+from . import plan as plans
 from .arch import adapter_for
-from .attention import IMPLEMENTATION, ensure_registered
+from .attention import IMPLEMENTATION, cache_hook, ensure_registered
 from .errors import AttnswapError
-from .variants.registry import get_variant
+from .plan import parse_layers  # noqa: F401  (public: attnswap.surgery.parse_layers)
+
+ATTRS = {"attention": "attnswap", "cache": "attnswap_cache", "tuner": "attnswap_tuner"}
 
 
-def parse_layers(spec: str | list[int] | None, n_layers: int) -> list[int]:
-    """'0-5,10' -> [0, 1, 2, 3, 4, 5, 10]; None or 'all' -> every layer."""
-    if spec is None or spec == "all":
-        return list(range(n_layers))
-    parts = [str(p) for p in spec] if isinstance(spec, (list, tuple)) else str(spec).split(",")
-    layers: set[int] = set()
-    try:
-        for part in (p.strip() for p in parts if p.strip()):
-            lo, sep, hi = part.partition("-")
-            layers.update(range(int(lo), (int(hi) if sep else int(lo)) + 1))
-    except ValueError:
-        raise AttnswapError(f"bad --layers '{spec}': use numbers and ranges like '0-5,10'") from None
-    bad = sorted(i for i in layers if not 0 <= i < n_layers)
-    if bad or not layers:
-        raise AttnswapError(f"bad --layers '{spec}': the model has layers 0-{n_layers - 1}")
-    return sorted(layers)
-
-
-def _base(model: nn.Module) -> nn.Module:
-    # a PEFT wrapper keeps the transformers model one level down
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model (a PEFT wrapper keeps it one level down)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def variant_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Attention-module path -> attached variant, for every swapped site."""
-    return {path.rsplit(".", 1)[0]: m for path, m in _base(model).named_modules() if path.endswith(".attnswap")}
+def method_modules(model: nn.Module, kind: str = "attention") -> dict[str, nn.Module]:
+    """Attention-module path -> attached method of `kind` (attention, cache, tuner), for every layer that has one."""
+    attr = "." + ATTRS[kind]
+    return {path[: -len(attr)]: m for path, m in base_model(model).named_modules() if path.endswith(attr)}
 
 
-def convert(model: nn.Module, variant: str, layers: str | list[int] | None = None, *, calibration=None,
-            **options: Any) -> nn.Module:
-    """Swap the self-attention of `layers` (default: all) for `variant`, in place; returns the model.
+def all_method_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for kind in ATTRS for m in method_modules(model, kind).values()]
 
-    The original projections stay where they were; the variant is attached to each attention module as its
-    `attnswap` submodule and the model's attention implementation becomes "attnswap". `revert` undoes it.
-    `calibration` (`attnswap.data.calibration(...)`) is text for variants that measure the original model
-    first (dex's head selection); the measured choice is stored in the options.
+
+def convert(model: nn.Module, what: str | dict | plans.PlanSpec, layers: str | list[int] | None = None, *,
+            calibration=None, **options: Any) -> nn.Module:
+    """Apply a plan to `model` in place; returns the model.
+
+    `what` is a plan (a dict as in a plan YAML, or a `PlanSpec`) or one method's name, with `layers` and
+    `options` the shorthand (`convert(model, "mra", layers="0-9", block_budget=0.5)`). The original
+    projections stay where they were; `revert` undoes it. `calibration` (`attnswap.data.calibration(...)`) is
+    text for methods that measure the original model first (dex's head selection); what they measured is
+    stored in the plan's options.
     """
-    base = _base(model)
+    base = base_model(model)
     if getattr(base.config, "attnswap", None):
-        done = base.config.attnswap["variant"]
-        raise AttnswapError(f"this model is already converted to '{done}'; convert the original model instead")
+        raise AttnswapError("this model is already converted; convert the original model instead")
+    if isinstance(what, str):
+        spec = plans.shorthand(what, options, layers)
+    else:
+        if layers is not None or options:
+            raise AttnswapError("give layers and options inside the plan, not beside it")
+        spec = what
     adapter = adapter_for(base.config)
-    cls = get_variant(variant)
-    opts = cls.parse_options(options)
-    cls.check_supported(adapter, opts)
     sites = adapter.sites(base)
     if not sites:
         raise AttnswapError(f"found no attention layers in this {adapter.name} model")
-    chosen = parse_layers(layers, len(sites))
+    plan = plans.resolve(spec, adapter, len(sites))
+    # every measurement runs on the original model, before anything is attached
+    buffers = {}
+    for key, part in plan.parts():
+        prepared = part.cls.prepare(model, part.options, part.layers, calibration)
+        part.options, part.prepared, buffers[key] = prepared.options, prepared.record, prepared.buffers
+    attach(base, plan, adapter, sites, buffers)
+    base.config.attnswap = plans.section(plan, {"swapped": [s.path for s in sites], "versions": _versions()})
+    return model
+
+
+def restore(model: nn.Module, section: dict) -> nn.Module:
+    """Apply a stored plan again (a checkpoint's `attnswap` section, this version's or 0.1.0's): no
+    measurement, the stored options are already resolved. The config gets the section in this version's
+    schema (tensors of a 0.1.0 checkpoint load under their new names: `plan.legacy_tensor_prefix`)."""
+    base = base_model(model)
+    spec, prepared = plans.stored(section)
+    if hasattr(base.config, "attnswap"):
+        del base.config.attnswap
+    adapter = adapter_for(base.config)
+    sites = adapter.sites(base)
+    plan = plans.resolve(spec, adapter, len(sites))
+    for key, part in plan.parts():
+        part.prepared = prepared.get(key, {})
+    attach(base, plan, adapter, sites)
+    legacy = ("variant", "options", "layers")  # 0.1.0's plan fields, now in the plan
+    extra = {k: v for k, v in section.items() if k not in ("schema", "plan", "prepared", *legacy)}
+    base.config.attnswap = plans.section(plan, extra)
+    return model
+
+
+def attach(base: nn.Module, plan: plans.Plan, adapter, sites, buffers: dict | None = None) -> None:
+    """Attach the plan's method instances to the sites, install the hooks, switch the attention function."""
+    import torch
+
     geometry = adapter.geometry(base.config)
-    opts, prepared = cls.prepare(model, opts, chosen, calibration)
     ref = next(base.parameters())
-    for site in (s for s in sites if s.index in chosen):
-        site.module.attnswap = cls(opts, site, geometry, adapter).to(device=ref.device, dtype=ref.dtype)
+    for key, part in plan.parts():
+        kind = part.cls.kind
+        for site in (s for s in sites if s.index in part.layers):
+            module = part.cls(part.options, site, geometry, adapter).to(device=ref.device, dtype=ref.dtype)
+            with torch.no_grad():
+                for name, value in (buffers or {}).get(key, {}).items():
+                    getattr(module, name).copy_(value)
+            setattr(site.module, ATTRS[kind], module)
+    hooks = [s.module.register_forward_pre_hook(cache_hook(s.index), with_kwargs=True) for s in sites]
+    if plan.tuner is not None:
+        hooks += plan.tuner.cls.model_hooks(base, adapter, plan.tuner.options)
+    base._attnswap_hooks = hooks
     base.set_attn_implementation(ensure_registered())
-    base._attnswap_hooks = cls.model_hooks(base, adapter, opts)
-    base.config.attnswap = {
-        "variant": cls.name,
-        "options": opts.model_dump(mode="json"),
-        "layers": chosen,
-        "swapped": [s.path for s in sites if s.index in chosen],
-        "versions": _versions(),
-        **({"prepared": prepared} if prepared else {}),
-    }
+
+
+def plan_of(model: nn.Module) -> tuple[dict, dict] | None:
+    """(plan dict, prepared records) of a converted model, None for an original one."""
+    sec = getattr(base_model(model).config, "attnswap", None)
+    return plans.stored(sec) if sec else None
+
+
+def with_cache_policy(model: nn.Module, policy: str | None, options: dict, *, keep_buffers: bool = True) -> nn.Module:
+    """The model's plan with its cache policy replaced (or added): `policy` (None: the plan's own) with
+    `options` over the plan's. The methods' trained tensors are kept, and the policy's buffers (evolved
+    parameters) too when the policy stays the same, `keep_buffers` is set and no `params` file is given."""
+    import torch
+
+    from .checkpoint import OWN
+
+    base = base_model(model)
+    spec, _ = plan_of(base) or ({}, {})
+    spec = {k: v for k, v in spec.items() if v}
+    old = spec.get("cache") or {}
+    name = policy or old.get("policy")
+    if name is None:
+        raise AttnswapError("this model has no cache policy; give --policy (see 'attnswap list')")
+    same = name == old.get("policy")
+    spec["cache"] = {"policy": name, "options": {**(old.get("options", {}) if same else {}), **options}}
+    keep = keep_buffers and same and not options.get("params")
+    state = {k: v.clone() for k, v in base.state_dict().items()
+             if any(o in k for o in OWN) and (keep or ".attnswap_cache." not in k)}
+    versions = base.config.attnswap.get("versions") if getattr(base.config, "attnswap", None) else None
+    revert(base)
+    convert(base, spec)
+    with torch.no_grad():
+        base.load_state_dict(state, strict=False)
+    if versions:
+        base.config.attnswap["versions"] = versions
     return model
 
 
 @contextlib.contextmanager
 def bypassed(model: nn.Module):
-    """Within the block every attached variant computes the original attention (the distillation teacher)."""
-    variants = list(variant_modules(model).values())
-    for v in variants:
-        v.bypass = True
+    """Within the block every attention method computes the original attention (the distillation teacher)."""
+    methods = list(method_modules(model).values())
+    for m in methods:
+        m.bypass = True
     try:
         yield model
     finally:
-        for v in variants:
-            v.bypass = False
+        for m in methods:
+            m.bypass = False
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Remove every attached variant and restore SDPA attention: the original model again."""
-    base = _base(model)
+    """Remove every attached method and hook and restore SDPA attention: the original model again."""
+    base = base_model(model)
     for handle in getattr(base, "_attnswap_hooks", []):
         handle.remove()
     base._attnswap_hooks = []
-    for path in variant_modules(base):
-        del base.get_submodule(path).attnswap
+    if hasattr(base, "_attnswap_member_axis"):
+        del base._attnswap_member_axis
+    for kind, attr in ATTRS.items():
+        for path in method_modules(base, kind):
+            delattr(base.get_submodule(path), attr)
     if base.config._attn_implementation == IMPLEMENTATION:
         base.set_attn_implementation("sdpa")
     if hasattr(base.config, "attnswap"):

@@ -29,7 +29,7 @@ from .checkpoint import check_finite, first_non_finite, write_model
 from .config import FinetuneConfig
 from .data import training_ids, windows
 from .errors import AttnswapError, TrainingDiverged
-from .surgery import variant_modules
+from .surgery import all_method_modules, method_modules
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
@@ -43,8 +43,9 @@ def _accelerator():
 
 
 def attach_lora(model, cfg: FinetuneConfig):
-    """Wrap with PEFT LoRA on the adapter's q/k/v/o targets; also unfreeze the variant's own parameters."""
-    variant_params = [p for v in variant_modules(model).values() for p in v.trainable_parameters()]
+    """Wrap with PEFT LoRA on the adapter's q/k/v/o targets; also unfreeze the plan's methods' own parameters
+    (attention methods and tuner)."""
+    variant_params = [p for m in all_method_modules(model) for p in m.trainable_parameters()]
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -58,7 +59,7 @@ def attach_lora(model, cfg: FinetuneConfig):
     for p in variant_params:
         p.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
-        raise AttnswapError("nothing to train: --lora-r is 0 and the variant has no trainable parameters")
+        raise AttnswapError("nothing to train: --lora-r is 0 and the plan's methods have no trainable parameters")
     return model
 
 
@@ -75,13 +76,11 @@ def digest(model) -> str:
     return h.hexdigest()[:16]
 
 
-def _schedule(cfg: FinetuneConfig):
-    def factor(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / (cfg.warmup + 1)
-        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup))
+def _scheduler(optimizer, cfg: FinetuneConfig):
+    """transformers' linear schedule: warm-up from 0 over `warmup` steps, then linear decay to 0 at `steps`."""
+    from transformers import get_linear_schedule_with_warmup
 
-    return factor
+    return get_linear_schedule_with_warmup(optimizer, cfg.warmup, cfg.steps)
 
 
 PROGRESS = f"{CHECKPOINTS}/step-*/state.json"  # what makes a run directory resumable
@@ -227,7 +226,7 @@ def _check_resume(ckpt: Path, cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict
 def _apply_hyperparameters(optimizer, scheduler, cfg: FinetuneConfig, lrs: list[float]) -> None:
     """After loading a checkpoint: the current options' peak learning rates and weight decay, with the
     schedule's factor at the step reached (the schedule itself is rebuilt from the current options)."""
-    factor = _schedule(cfg)(scheduler.last_epoch)
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
     scheduler.base_lrs = list(lrs)
     for group, lr in zip(optimizer.param_groups, lrs):
         group["initial_lr"] = lr
@@ -236,10 +235,10 @@ def _apply_hyperparameters(optimizer, scheduler, cfg: FinetuneConfig, lrs: list[
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def _variant_schedules(variants, step: int, total: int) -> dict[str, float]:
-    """Advance every variant's own schedule to `step`; the mean over layers of what they report."""
+def _method_schedules(methods, step: int, total: int) -> dict[str, float]:
+    """Advance every attention method's own schedule to `step`; the mean over layers of what they report."""
     seen: dict[str, list[float]] = {}
-    for v in variants:
+    for v in methods:
         for k, x in v.on_train_step(step, total).items():
             seen.setdefault(k, []).append(float(x))
     return {k: sum(xs) / len(xs) for k, xs in seen.items()}
@@ -255,8 +254,8 @@ def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, r
     `resume`; the finished run (model, checkpoints, losses) is swapped in as `out` at the end.
     `on_step(step, loss)` is called after each optimizer step (1-based step), e.g. for logging.
     """
-    if any(type(v).is_adapter for v in variant_modules(model).values()):
-        cfg = cfg.model_copy(update={"lora_r": 0})  # the variant is the adapter: no PEFT LoRA on top of it
+    if method_modules(model, "tuner"):
+        cfg = cfg.model_copy(update={"lora_r": 0})  # the plan's tuner is the adapter: no PEFT LoRA on top of it
     accelerator = _accelerator()
     writer = accelerator.is_main_process  # only it writes; the others compute and read its run directory
     if writer:
@@ -280,14 +279,14 @@ def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, 
     torch.manual_seed(cfg.seed)
     model = attach_lora(model, cfg)
     model.train()
-    own = {id(p) for v in variant_modules(model).values() for p in v.parameters()}
+    own = {id(p) for m in all_method_modules(model) for p in m.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) not in own], "lr": cfg.lr},
               {"params": [p for p in params if id(p) in own], "lr": cfg.variant_lr or cfg.lr}]
     groups = [g for g in groups if g["params"]]
     peaks = [g["lr"] for g in groups]  # the optimizer and scheduler rescale g["lr"] from here on
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    scheduler = _scheduler(optimizer, cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
     start, losses, history = (0, [], [])
     if ckpt is not None:
@@ -299,7 +298,7 @@ def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, 
             outputs.warn(f"resuming at step {start} with changed options (applied from here on): " +
                          ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
 
-    variants = list(variant_modules(model).values())  # before prepare() wraps the model
+    methods = list(method_modules(model).values())  # before prepare() wraps the model
     per_step = cfg.batch_size * world
     rows = windows(training_ids(tokenizer, cfg.data, cfg.steps * per_step * cfg.seq_len), cfg.seq_len)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -312,7 +311,7 @@ def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, 
         first = (step * world + rank) * cfg.batch_size
         idx = torch.arange(first, first + cfg.batch_size) % len(rows)
         batch = rows[idx].to(accelerator.device)
-        shown = _variant_schedules(variants, step, cfg.steps)
+        shown = _method_schedules(methods, step, cfg.steps)
         loss = model(input_ids=batch, labels=batch).loss
         mean_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
         where = f"the last good checkpoint is {last_ckpt.name}" if last_ckpt else "no checkpoint was written yet"

@@ -13,7 +13,7 @@ DEX paper analyses:
   sum_j a_ij v_j M (rescaled by a positive norm ratio) with M = I - lambda W; key j counts as negatively attended when v_j . (v_j M) < 0. For a
   softmax head (M = I) the fraction is 0 by construction. Reported over all heads and over the adapted heads.
 - head redundancy: each head's mean per-token cosine to the other heads of its layer, averaged over heads
-  and layers (`attnswap.analysis.head_redundancy`); also over the adapted heads alone.
+  and layers (`attnswap.methods.attention.analysis.head_redundancy`); also over the adapted heads alone.
 Prints a table and writes <out>.json.
 """
 from __future__ import annotations
@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 import attnswap
-from attnswap.analysis import head_redundancy, recording
+from attnswap.methods.attention.analysis import head_redundancy, recording
 from attnswap.config import FinetuneConfig
 from attnswap.data import calibration, encode, read_text, windows
 from attnswap.evaluate import perplexity
-from attnswap.surgery import variant_modules
+from attnswap.surgery import method_modules
 from attnswap.train import finetune
 
 
@@ -45,7 +45,7 @@ def analyse(model, ids: torch.Tensor, subset: dict[int, list[int]]) -> dict:
     """Negative-attention fraction and head redundancy of a (converted or plain) causal model on ids [N, T];
     the `_adapted` values average over `subset` (layer -> heads: the heads dex adapts) only."""
     maps = {}  # layer -> (head indices, M [S, D, D]) of dex heads
-    for path, v in variant_modules(model).items():
+    for path, v in method_modules(model).items():
         if len(getattr(v, "heads", [])):
             maps[v.layer_index] = (v.heads.tolist(), v.value_maps().double())
     neg_all, neg_adapted, red_all, red_adapted = [], [], [], []
@@ -114,8 +114,8 @@ def main():
     rows = []
     original = attnswap.load_model(a.model)
     attnswap.convert(original, "dex", calibration=cal, **dex_options)
-    subset = {int(k): v for k, v in original.config.attnswap["options"]["heads"].items()}
-    prepared = original.config.attnswap["prepared"]
+    subset = {int(k): v for k, v in original.config.attnswap["plan"]["attention"][0]["options"]["heads"].items()}
+    prepared = original.config.attnswap["prepared"]["attention.0"]
     attnswap.revert(original)
     base_ppl = perplexity(original, tok, a.eval_data, max_tokens=a.eval_tokens, seq_len=a.seq_len, progress=False)
     rows.append({"arm": "original", "train_tokens": 0, "perplexity": base_ppl["perplexity"],

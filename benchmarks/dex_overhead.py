@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import attnswap
-from attnswap.surgery import variant_modules
+from attnswap.surgery import method_modules
 
 
 def forward_ms(model, ids) -> float:
@@ -39,7 +39,7 @@ def main():
     dex = attnswap.load_model(a.model)
     attnswap.convert(dex, "dex")
     with torch.no_grad():
-        for v in variant_modules(dex).values():
+        for v in method_modules(dex).values():
             v.ramp.fill_(1.0)
             v.weight.add_(0.02 * torch.randn_like(v.weight))
     rows = []

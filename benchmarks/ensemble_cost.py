@@ -54,7 +54,7 @@ def _median_ms(fn, reps):
 
 def measure(kind: str, n: int, model_name: str, seq_len: int, reps: int) -> dict:
     import attnswap
-    from attnswap.surgery import variant_modules
+    from attnswap.surgery import all_method_modules, method_modules
 
     tok = attnswap.load_tokenizer(model_name)  # noqa: F841  (imports the same libraries the model needs)
     baseline = _current_rss_mib()  # the runtime (python, torch, transformers) before any weights
@@ -82,7 +82,7 @@ def measure(kind: str, n: int, model_name: str, seq_len: int, reps: int) -> dict
         held = backbone
     else:
         attnswap.convert(model, "lora-ensemble", members=n)
-        own = [p for v in variant_modules(model).values() for p in v.trainable_parameters()]
+        own = [p for v in all_method_modules(model) for p in v.trainable_parameters()]
         held = backbone + sum(p.numel() * p.element_size() for p in own)
         if kind == "ens-infer":
             model.eval()

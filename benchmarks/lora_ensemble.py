@@ -8,7 +8,7 @@ LoRA of rank r on q/k/v/o, PEFT's initialisation) and fine-tunes it with `attnsw
 windows of --data (same order, seed, lr, schedule, steps x batch x seq-len tokens). With --batch-mode split the
 N members share each batch (member m trains on row m of every step's N rows), so every arm sees the same tokens
 and spends the same backbone compute; with repeat every member sees the whole batch (N times the compute).
-Each model is then scored by `attnswap.uncertainty.calibration` (ece_floor: the ECE a perfectly calibrated model
+Each model is then scored by `attnswap.methods.tuners.calibration.calibration` (ece_floor: the ECE a perfectly calibrated model
 would show with the same bin counts, i.e. the noise floor of ece) on the foundation's protocol (wikitext2-test,
 16,384 tokens, windows of 1,024). Prints a table; writes <out>.json (rows added as arms finish, so arms can run
 in separate calls) and <out>.png (reliability diagrams).
@@ -23,7 +23,7 @@ from pathlib import Path
 import attnswap
 from attnswap.config import FinetuneConfig
 from attnswap.train import finetune
-from attnswap.uncertainty import calibration, ece_floor, reliability_plot
+from attnswap.methods.tuners.calibration import calibration, ece_floor, reliability_plot
 
 METRICS = ("accuracy", "nll", "ece", "ece_floor", "brier", "entropy", "disagreement")
 

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 import attnswap
-from attnswap.memory.tasks import long_context_perplexity, passkey
+from attnswap.methods import kinds
+from attnswap.methods.cache.tasks import long_context_perplexity, passkey
 
-SCORERS = ["streaming", "h2o", "tova", "snapkv", "knorm", "random", "namm"]
+SCORERS = list(kinds()["cache"].all())  # every registered cache policy
 
 
 def _fmt(x):
@@ -60,7 +61,7 @@ def main():
     rows = []
     for label, scorer, budget, params in setups:
         attnswap.revert(model)
-        attnswap.convert(model, "memory", scorer=scorer, budget=budget, interval=a.interval, params=params)
+        attnswap.convert(model, scorer, budget=budget, interval=a.interval, **({"params": params} if params else {}))
         t0 = time.perf_counter()
         ppl = long_context_perplexity(model, tok, a.data, context=a.context, score_from=a.score_from,
                                       documents=a.documents)

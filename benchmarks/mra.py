@@ -158,7 +158,7 @@ def check(device):
 def capture(model, ids, attention_mask=None):
     """q, k, v, scaling of every attention call of one forward (the model converted to a full-budget MRA)."""
     import attnswap
-    from attnswap.variants.mra import MRA
+    from attnswap.methods.attention.mra import MRA
 
     attnswap.convert(model, "mra", block_budget=1.0)
     seen = []

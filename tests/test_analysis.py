@@ -2,7 +2,7 @@
 import torch
 
 import attnswap
-from attnswap.analysis import head_redundancy, recording
+from attnswap.methods.attention.analysis import head_redundancy, recording
 
 from .conftest import outputs, sample_ids
 
@@ -39,7 +39,7 @@ def test_recording_sees_a_variant_output(tiny_dirs):
     with recording(model) as before:
         outputs(model, ids)
     attnswap.convert(model, "dex", heads=[2], keep_norm=False)
-    for v in attnswap.surgery.variant_modules(model).values():
+    for v in attnswap.surgery.method_modules(model).values():
         v.ramp.fill_(1.0)
     with recording(model) as after:
         outputs(model, ids)
@@ -53,7 +53,7 @@ def test_masking_and_recording_nest_in_either_order_and_leave_nothing_behind(tin
     """Probes live on the attention modules only inside their blocks; a masked head records as zero whether
     the recording block is outside or inside the masking block (scaling runs first)."""
     from attnswap import attention
-    from attnswap.analysis import heads_scaled
+    from attnswap.methods.attention.analysis import heads_scaled
 
     model = attnswap.load_model(tiny_dirs["llama"])
     ids = sample_ids(model.config.vocab_size, length=15)

@@ -7,8 +7,7 @@ import pytest
 
 import attnswap
 from attnswap.cli import main
-from attnswap.variants import Variant
-from attnswap.variants.registry import VARIANTS
+from attnswap.methods.attention import REGISTRY, AttentionMethod
 
 from .conftest import WIKI_TEST
 
@@ -31,14 +30,14 @@ def assert_one_line_error(code, err, *fragments):
 
 @pytest.fixture
 def causal_only_variant():
-    class CausalOnly(Variant):
+    class CausalOnly(AttentionMethod):
         name = "test-causal-only"
-        summary = "a variant defined for causal attention only (test)"
+        summary = "an attention method defined for causal attention only (test)"
         directions: ClassVar[frozenset] = frozenset({"causal"})
 
-    VARIANTS[CausalOnly.name] = CausalOnly
+    REGISTRY.register(CausalOnly)
     yield CausalOnly.name
-    del VARIANTS[CausalOnly.name]
+    del REGISTRY.methods[CausalOnly.name]
 
 
 def test_help_everywhere(capsys):
@@ -70,7 +69,7 @@ def test_missing_alias_package_names_the_install_command(capsys, monkeypatch, tm
 
 def test_unknown_variant_says_did_you_mean(capsys, tiny_dirs, tmp_path):
     code, _, err = run_cli(capsys, "convert", tiny_dirs["llama"], "--to", "slidng-window", "--out", tmp_path / "o")
-    assert_one_line_error(code, err, "unknown variant 'slidng-window'", "did you mean 'sliding-window'")
+    assert_one_line_error(code, err, "unknown method 'slidng-window'", "did you mean 'sliding-window'")
 
 
 def test_variant_on_an_unsupported_architecture(capsys, tiny_dirs, tmp_path, causal_only_variant):
@@ -166,7 +165,7 @@ def test_existing_out_is_left_untouched(capsys, tiny_dirs, tmp_path):
     assert code == 0
     code, _, _ = run_cli(capsys, "convert", tiny_dirs["llama"], "--to", "sliding-window", "--set", "window=8",
                          "--out", theirs, "--force")
-    assert code == 0 and json.loads((theirs / "config.json").read_text())["attnswap"]["options"]["window"] == 8
+    assert code == 0 and json.loads((theirs / "config.json").read_text())["attnswap"]["plan"]["attention"][0]["options"]["window"] == 8
 
 
 def test_bad_option_value_is_one_line(capsys, tiny_dirs, tmp_path):

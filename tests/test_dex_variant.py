@@ -4,8 +4,8 @@ import torch
 
 import attnswap
 from attnswap.config import FinetuneConfig
-from attnswap.surgery import variant_modules
-from attnswap.train import _variant_schedules, finetune
+from attnswap.surgery import method_modules
+from attnswap.train import _method_schedules, finetune
 
 from .conftest import WIKI_TRAIN, outputs, sample_ids
 
@@ -32,7 +32,7 @@ def test_smollm2_conversion_starts_as_the_original(smollm2_dir):
 def test_formula_on_selected_heads_only(tiny_dirs, keep_norm):
     model = attnswap.load_model(tiny_dirs["llama"])
     attnswap.convert(model, "dex", heads=[1, 3], lambda_max=0.3, keep_norm=keep_norm)
-    v = next(iter(variant_modules(model).values()))
+    v = next(iter(method_modules(model).values()))
     with torch.no_grad():
         v.weight.normal_(0, 0.5)
         v.ramp.fill_(1.0)
@@ -60,12 +60,12 @@ def test_identity_map_is_exact_at_any_lambda_when_the_norm_is_kept(tiny_dirs):
     ids = sample_ids(model.config.vocab_size, length=29)
     ref = outputs(model, ids)
     attnswap.convert(model, "dex", lambda_max=0.9)
-    for v in variant_modules(model).values():
+    for v in method_modules(model).values():
         v.ramp.fill_(1.0)
     assert (outputs(model, ids) - ref).abs().max() <= 1e-5
     attnswap.revert(model)
     attnswap.convert(model, "dex", lambda_max=0.5, keep_norm=False)
-    for v in variant_modules(model).values():
+    for v in method_modules(model).values():
         v.ramp.fill_(1.0)
     assert (outputs(model, ids) - ref).abs().max() > 1e-2  # without the norm: O (1 - lambda)
 
@@ -75,14 +75,14 @@ def test_lambda_is_annealed_by_finetune_and_saved(tiny_dirs, tiny_tokenizer, tmp
     ids = sample_ids(model.config.vocab_size, length=20)
     ref = outputs(model, ids)
     attnswap.convert(model, "dex", lambda_max=0.5, anneal_steps=4)
-    variants = list(variant_modules(model).values())
-    assert _variant_schedules(variants, 0, 10) == {"lambda": 0.0}
-    assert _variant_schedules(variants, 2, 10) == {"lambda": pytest.approx(0.25)}
-    _variant_schedules(variants, 0, 10)
+    variants = list(method_modules(model).values())
+    assert _method_schedules(variants, 0, 10) == {"lambda": 0.0}
+    assert _method_schedules(variants, 2, 10) == {"lambda": pytest.approx(0.25)}
+    _method_schedules(variants, 0, 10)
     finetune(model, tiny_tokenizer, FinetuneConfig(data=str(WIKI_TRAIN), steps=6, seq_len=32, lr=1e-3, variant_lr=1e-2),
              tmp_path / "ft", progress=False)
     loaded = attnswap.load(tmp_path / "ft", merge_lora=True)
-    v = next(iter(variant_modules(loaded).values()))
+    v = next(iter(method_modules(loaded).values()))
     assert float(v.ramp) == 1.0  # the ramp reached its end and travels with the checkpoint
     assert not torch.allclose(v.lam, torch.full_like(v.lam, 0.5))  # lambda is learned
     assert not torch.allclose(v.weight, torch.eye(v.weight.shape[-1]).expand_as(v.weight))  # and the map
@@ -110,7 +110,7 @@ def test_calibration_windows_are_seeded(tiny_tokenizer):
 @pytest.mark.parametrize("select", ["redundancy", "importance"])
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_head_selection_is_measured_and_deterministic(tiny_dirs, tiny_tokenizer, name, select):
-    from attnswap.analysis import head_scores
+    from attnswap.methods.attention.analysis import head_scores
 
     cal = _calibration(tiny_tokenizer)
     chosen = []
@@ -118,14 +118,14 @@ def test_head_selection_is_measured_and_deterministic(tiny_dirs, tiny_tokenizer,
         model = attnswap.load_model(tiny_dirs[name])
         attnswap.convert(model, "dex", heads=0.5, select=select, calibration=cal)
         chosen.append(model.config.attnswap)
-    assert chosen[0]["options"]["heads"] == chosen[1]["options"]["heads"]
+    assert chosen[0]["plan"]["attention"][0]["options"]["heads"] == chosen[1]["plan"]["attention"][0]["options"]["heads"]
     assert chosen[0]["prepared"] == chosen[1]["prepared"]
     scores = head_scores(attnswap.load_model(tiny_dirs[name]), cal.ids, select)
     for layer, s in scores.items():
         order = torch.argsort(-s if select == "redundancy" else s, stable=True)
-        assert chosen[0]["options"]["heads"][str(layer)] == sorted(order[:2].tolist())
-        assert chosen[0]["prepared"]["scores"][str(layer)] == pytest.approx(s.tolist(), abs=1e-6)
-    variants = variant_modules(model)
+        assert chosen[0]["plan"]["attention"][0]["options"]["heads"][str(layer)] == sorted(order[:2].tolist())
+        assert chosen[0]["prepared"]["attention.0"]["scores"][str(layer)] == pytest.approx(s.tolist(), abs=1e-6)
+    variants = method_modules(model)
     assert [v.heads.tolist() for v in variants.values()] == [sorted(order[:2].tolist()) for order in
                                                              (torch.argsort(-s if select == "redundancy" else s,
                                                                             stable=True) for s in scores.values())]
@@ -133,7 +133,7 @@ def test_head_selection_is_measured_and_deterministic(tiny_dirs, tiny_tokenizer,
 
 def test_importance_is_the_loss_increase_when_one_head_is_masked(tiny_dirs, tiny_tokenizer):
     """Checked against masking the head's slice of the o-projection input, a route that shares no code."""
-    from attnswap.analysis import head_scores
+    from attnswap.methods.attention.analysis import head_scores
 
     model = attnswap.load_model(tiny_dirs["llama"])
     cal = _calibration(tiny_tokenizer)
@@ -166,11 +166,11 @@ def test_selected_heads_travel_with_the_checkpoint_and_show_in_list_and_card(tin
     import json
 
     result = json.loads(capsys.readouterr().out)
-    heads = result["options"]["heads"]
+    heads = result["plan"]["attention"][0]["options"]["heads"]
     assert sorted(heads) == ["0", "1"] and all(len(h) == 2 for h in heads.values())
-    assert result["prepared"]["calibration"] == {"data": str(cal), "windows": 2, "seq_len": 32, "tokens": 64, "seed": 0}
+    assert result["prepared"]["attention.0"]["calibration"] == {"data": str(cal), "windows": 2, "seq_len": 32, "tokens": 64, "seed": 0}
     loaded = attnswap.load(out)
-    assert [v.heads.tolist() for v in variant_modules(loaded).values()] == [heads["0"], heads["1"]]
+    assert [v.heads.tolist() for v in method_modules(loaded).values()] == [heads["0"], heads["1"]]
     assert loaded.config.attnswap["prepared"] == result["prepared"]
     assert main(["list", str(out)]) == 0
     listed = capsys.readouterr().out

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import attnswap
-from attnswap.surgery import variant_modules
-from attnswap.variants.diff import half_indices, lambda_init_for
+from attnswap.surgery import method_modules
+from attnswap.methods.attention.diff import half_indices, lambda_init_for
 
 from .conftest import outputs, sample_ids
 
@@ -46,7 +46,7 @@ def test_output_equals_the_formula(tiny_dirs, name):
     """A converted layer against the docstring's formula, written densely (GQA, causal or not)."""
     model = attnswap.load_model(tiny_dirs[name])
     attnswap.convert(model, "diff")
-    v = next(iter(variant_modules(model).values()))
+    v = next(iter(method_modules(model).values()))
     with torch.no_grad():
         v.lambdas.normal_(0, 0.3)
         v.norm_weight.uniform_(0.5, 1.5)
@@ -74,10 +74,10 @@ def test_convert_save_load_and_train(tiny_dirs, tiny_tokenizer, tmp_path):
     ref = outputs(model, ids)
     attnswap.convert(model, "diff")
     assert torch.isfinite(outputs(model, ids)).all() and (outputs(model, ids) - ref).abs().max() > 1e-3  # not the original
-    variant = next(iter(variant_modules(model).values()))
+    variant = next(iter(method_modules(model).values()))
     assert {p.shape for p in variant.trainable_parameters()} == {torch.Size([4, 4]), torch.Size([8])}
     with torch.no_grad():  # as if trained: the saved checkpoint must carry these values, not re-draw them
-        for v in variant_modules(model).values():
+        for v in method_modules(model).values():
             v.lambdas.normal_(0, 0.5)
             v.norm_weight.uniform_(0.5, 1.5)
     got = outputs(model, ids)

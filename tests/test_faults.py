@@ -30,7 +30,7 @@ def _after_kill(target, old_window, new_window):
     if not target.exists():
         return None
     assert whole(target), sorted(p.name for p in target.iterdir())
-    window = config_section(target)["options"]["window"]
+    window = config_section(target)["plan"]["attention"][0]["options"]["window"]
     assert window in (old_window, new_window)
     return window
 
@@ -54,11 +54,11 @@ def test_convert_killed_leaves_the_old_output(point, tiny_dirs, tmp_path, capsys
     code, _, err = cli(capsys, "convert", tiny_dirs["llama"], "--to", "sliding-window", "--set", "window=4",
                        "--out", target)
     assert code == 2 and "already exists" in err
-    assert whole(target) and config_section(target)["options"]["window"] == (16 if point == "convert.swapped" else 8)
+    assert whole(target) and config_section(target)["plan"]["attention"][0]["options"]["window"] == (16 if point == "convert.swapped" else 8)
     assert scratch(tmp_path) == []
     assert cli(capsys, "convert", tiny_dirs["llama"], "--to", "sliding-window", "--set", "window=4", "--out",
                target, "--force")[0] == 0
-    assert whole(target) and config_section(target)["options"]["window"] == 4 and scratch(tmp_path) == []
+    assert whole(target) and config_section(target)["plan"]["attention"][0]["options"]["window"] == 4 and scratch(tmp_path) == []
 
 
 def test_convert_killed_with_no_old_output_leaves_nothing(tiny_dirs, tmp_path, capsys):

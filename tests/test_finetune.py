@@ -31,7 +31,7 @@ def test_loss_goes_down_over_50_steps(tiny_dirs, tiny_tokenizer, tmp_path):
     # the written model is the trained one: LoRA adapter beside the converted base
     assert (tmp_path / "ft" / "adapter" / "adapter_config.json").is_file()
     loaded = attnswap.load(tmp_path / "ft", merge_lora=True)
-    assert loaded.config.attnswap["variant"] == "sliding-window"
+    assert loaded.config.attnswap["plan"]["attention"][0]["method"] == "sliding-window"
     ids = sample_ids(loaded.config.vocab_size, length=20)
     trained = attnswap.load(tmp_path / "ft")  # PEFT-wrapped, unmerged
     assert (outputs(loaded, ids) - outputs(trained, ids)).abs().max() <= 1e-4
@@ -88,7 +88,7 @@ def test_smollm2_sliding_window_finetunes_a_few_steps(tmp_path):
     assert code == 0
     assert (tmp_path / "ft" / "checkpoints" / "step-000003").is_dir()
     model = attnswap.load(tmp_path / "ft", merge_lora=True)
-    assert model.config.attnswap["options"] == {"window": 64, "sinks": 4}
+    assert model.config.attnswap["plan"]["attention"][0]["options"] == {"window": 64, "sinks": 4}
 
 
 def test_two_process_data_parallel_on_cpu(tiny_dirs, tmp_path):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import attnswap
-from attnswap.surgery import variant_modules
+from attnswap.surgery import method_modules
 from attnswap_kernels import assert_close
 from attnswap_kernels.window_attn import window_softmax_naive, window_softmax_terms
 
@@ -54,7 +54,7 @@ def dense_hybrid(variant, q, k, v, scale):
 def test_causal_composition_equals_the_dense_formula(tiny_dirs, name, opts):
     model = attnswap.load_model(tiny_dirs[name])
     attnswap.convert(model, "linear", **opts)
-    variant = next(iter(variant_modules(model).values()))
+    variant = next(iter(method_modules(model).values()))
     geo = variant.geometry
     g = torch.Generator().manual_seed(1)
     t = 45
@@ -70,7 +70,7 @@ def test_causal_composition_equals_the_dense_formula(tiny_dirs, name, opts):
 def test_bidirectional_linear_equals_the_dense_formula(tiny_dirs):
     model = attnswap.load_model(tiny_dirs["bert"])
     attnswap.convert(model, "linear", feature_map="hedgehog", window=0, sinks=2)
-    variant = next(iter(variant_modules(model).values()))
+    variant = next(iter(method_modules(model).values()))
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 4, 30, 8, generator=g) for _ in range(3))
     with torch.no_grad():
@@ -92,7 +92,7 @@ def test_feature_maps_and_mix_get_gradients(tiny_dirs):
     attnswap.convert(model, "linear", window=8, sinks=2)
     ids = sample_ids(model.config.vocab_size, length=40)
     model(input_ids=ids, labels=ids).loss.backward()
-    for path, variant in variant_modules(model).items():
+    for path, variant in method_modules(model).items():
         params = dict(variant.named_parameters())
         assert set(params) == {"phi_k.weight", "phi_q.weight", "mix"}, params.keys()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values()), path

@@ -7,8 +7,8 @@ import torch
 
 import attnswap
 from attnswap.config import FinetuneConfig
-from attnswap.members import extract_member, member_count, per_member
-from attnswap.surgery import variant_modules
+from attnswap.methods.tuners.members import extract_member, member_count, per_member
+from attnswap.surgery import method_modules
 from attnswap.train import finetune
 from attnswap_kernels.batched_lora import batched_lora, batched_lora_naive
 
@@ -19,7 +19,7 @@ def _randomise(model, std=0.3, seed=0):
     """Give every member a different non-zero B (as training would), so members differ."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for v in variant_modules(model).values():
+        for v in method_modules(model, "tuner").values():
             for p in v.lora_B.values():
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
@@ -29,11 +29,11 @@ def _single_member(original, ensemble, k):
     import copy
 
     one = copy.deepcopy(original)
-    opts = dict(ensemble.config.attnswap["options"], members=1)
+    opts = dict(ensemble.config.attnswap["plan"]["tuner"]["options"], members=1)
     attnswap.convert(one, "lora-ensemble", **opts)
-    mine = variant_modules(one)
+    mine = method_modules(one, "tuner")
     with torch.no_grad():
-        for path, v in variant_modules(ensemble).items():
+        for path, v in method_modules(ensemble, "tuner").items():
             for t in v.lora_A:
                 mine[path].lora_A[t].copy_(v.lora_A[t][k : k + 1])
                 mine[path].lora_B[t].copy_(v.lora_B[t][k : k + 1])
@@ -90,7 +90,7 @@ def test_batched_members_equal_separate_single_member_forwards(tiny_dirs, name):
 def test_targets_limit_what_is_adapted(tiny_dirs):
     model = attnswap.load_model(tiny_dirs["gpt2"])  # fused q|k|v: the update lands in the v slice only
     attnswap.convert(model, "lora-ensemble", members=2, targets="v")
-    v = next(iter(variant_modules(model).values()))
+    v = next(iter(method_modules(model, "tuner").values()))
     assert set(v.lora_A) == {"v"} and v.lora_B["v"].shape == (2, 8, 32)
     _randomise(model)
     attn = model.transformer.h[0].attn
@@ -122,12 +122,12 @@ def test_batched_lora_op_equals_the_reference_forward_and_backward(shape):
 
 def test_members_start_with_different_a_and_the_same_output(tiny_dirs):
     model = attnswap.convert(attnswap.load_model(tiny_dirs["llama"]), "lora-ensemble", members=4, seed=7)
-    v = next(iter(variant_modules(model).values()))
+    v = next(iter(method_modules(model, "tuner").values()))
     a = v.lora_A["q"]
     assert all((a[0] - a[m]).abs().max() > 1e-3 for m in range(1, 4))
     assert all(float(b.detach().abs().max()) == 0 for b in v.lora_B.values())
     again = attnswap.convert(attnswap.load_model(tiny_dirs["llama"]), "lora-ensemble", members=4, seed=7)
-    assert torch.equal(next(iter(variant_modules(again).values())).lora_A["q"], a)  # per-member seeds: reproducible
+    assert torch.equal(next(iter(method_modules(again, "tuner").values())).lora_A["q"], a)  # per-member seeds: reproducible
 
 
 @pytest.mark.parametrize("mode", ["repeat", "split"])
@@ -136,7 +136,7 @@ def test_training_updates_every_member_in_one_step_and_members_differ(tiny_dirs,
     cfg = FinetuneConfig(data=str(WIKI_TRAIN), steps=4, lr=1e-2, seq_len=32, batch_size=2, warmup=0)
     result = finetune(model, tiny_tokenizer, cfg, tmp_path / "ft", progress=False)
     assert result["tokens"] == 4 * 2 * 32
-    for v in variant_modules(model).values():
+    for v in method_modules(model, "tuner").values():
         for b in v.lora_B.values():
             assert all(float(b[m].detach().abs().max()) > 0 for m in range(2))  # both members trained
             assert (b[0] - b[1]).abs().max() > 1e-4  # and they differ
@@ -201,7 +201,7 @@ def test_save_load_export_and_extract_one_member(tiny_dirs, tmp_path, capsys):
     assert "LoRA-Ensemble: 3 members, r 4" in (tmp_path / "exp" / "README.md").read_text()
     assert main(["export", str(tmp_path / "ens"), "--out", str(tmp_path / "m1"), "--member", "1"]) == 0
     plain = attnswap.load(tmp_path / "m1")
-    assert getattr(plain.config, "attnswap", None) is None and not variant_modules(plain)
+    assert getattr(plain.config, "attnswap", None) is None and not method_modules(plain, "tuner")
     want = _raw(_single_member(original, model, 1), ids)
     assert (outputs(plain, ids) - want).abs().max() <= 1e-4  # merged weights: float32 re-association only
     assert "Member 1 of 3" in (tmp_path / "m1" / "README.md").read_text()
@@ -216,7 +216,7 @@ def test_save_load_export_and_extract_one_member(tiny_dirs, tmp_path, capsys):
 
 
 def test_calibration_metrics_equal_their_definitions():
-    from attnswap.uncertainty import _Tally
+    from attnswap.methods.tuners.calibration import _Tally
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(500, 7, generator=g, dtype=torch.float64) * 2
@@ -242,7 +242,7 @@ def test_calibration_metrics_equal_their_definitions():
 
 
 def test_ece_floor_is_the_expected_ece_of_a_calibrated_model():
-    from attnswap.uncertainty import ece_floor
+    from attnswap.methods.tuners.calibration import ece_floor
 
     # one bin of 100 predictions at confidence 0.5: E|Binomial(100, 0.5) / 100 - 0.5| = 50 C(100, 50) / 2^100 / 100
     exact = 50 * math.comb(100, 50) / 2**100 / 100

@@ -1,5 +1,5 @@
-"""KV-cache pruning (`memory` variant): exact when nothing is evicted, eviction only affects attendees, the
-scorers' choices, CMA-ES on known functions, evolution resume, CLI."""
+"""Cache policies (KV-cache pruning): exact when nothing is evicted, eviction only affects attendees, the
+policies' choices, CMA-ES on known functions, evolution resume, CLI."""
 import json
 
 import numpy as np
@@ -8,12 +8,19 @@ import torch
 
 import attnswap
 from attnswap.generation import make_cache
-from attnswap.memory.cmaes import CMAES
-from attnswap.surgery import variant_modules
+from attnswap.methods import kinds
+from attnswap.methods.cache.cmaes import CMAES
+from attnswap.surgery import method_modules
 
 from .conftest import WIKI_TEST, outputs, sample_ids
 
-SCORERS = ["streaming", "h2o", "tova", "snapkv", "knorm", "random", "namm"]
+SCORERS = sorted(kinds()["cache"].all())
+
+
+def prune(model, scorer, **options):
+    """Convert with cache policy `scorer`, passing only the options it has (window, sinks, ...)."""
+    fields = kinds()["cache"].get(scorer).Options.model_fields
+    return attnswap.convert(model, scorer, **{k: v for k, v in options.items() if k in fields})
 
 
 def chunked_logits(model, ids, chunk):
@@ -29,7 +36,7 @@ def test_nothing_evicted_equals_the_unpruned_model(tiny_dirs, name, scorer):
     model = attnswap.load_model(tiny_dirs[name])
     ids = sample_ids(model.config.vocab_size, batch=1, length=70)
     ref = outputs(model, ids)
-    attnswap.convert(model, "memory", scorer=scorer, budget=1.0, interval=16, window=4)
+    prune(model, scorer, budget=1.0, interval=16, window=4)
     got, cache = chunked_logits(model, ids, 16)
     assert (got - ref).abs().max() <= 1e-5
     assert all(layer.evictions == 4 and layer.kept() == layer.keys.shape[1] * 70 for layer in cache.layers)
@@ -42,10 +49,10 @@ def test_generation_with_nothing_evicted_equals_the_original(tiny_dirs):
     model = attnswap.load_model(tiny_dirs["llama"])
     ids = sample_ids(model.config.vocab_size, batch=1, length=12)
     want = generate(model, ids, 40)["ids"]
-    attnswap.convert(model, "memory", scorer="h2o", budget=1.0, interval=8)
+    prune(model, "h2o", budget=1.0, interval=8)
     assert torch.equal(generate(model, ids, 40)["ids"], want)
     attnswap.revert(model)
-    attnswap.convert(model, "memory", scorer="h2o", budget=0.25, interval=8)
+    prune(model, "h2o", budget=0.25, interval=8)
     assert not torch.equal(generate(model, ids, 40)["ids"], want)  # pruning does change what it generates
 
 
@@ -63,7 +70,7 @@ def test_evicting_a_token_changes_only_what_attends_to_it(tiny_dirs):
     mask[20:, 5] = False
     with torch.no_grad():
         masked = model(input_ids=ids, attention_mask=mask[None, None]).logits
-    attnswap.convert(model, "memory", scorer="knorm", budget=1.0, interval=1000)
+    prune(model, "knorm", budget=1.0, interval=1000)
     cache = make_cache(model)
     with torch.no_grad():
         prompt = model(input_ids=ids[:, :20], cache=cache, use_cache=True).logits
@@ -75,9 +82,9 @@ def test_evicting_a_token_changes_only_what_attends_to_it(tiny_dirs):
     assert (new - full[:, 20:]).abs().max() > 1e-3
 
 
-def _fill(model, ids, **options):
+def _fill(model, ids, scorer, **options):
     attnswap.revert(model)
-    attnswap.convert(model, "memory", **options)
+    prune(model, scorer, **options)
     return chunked_logits(model, ids, options.get("interval", 16))[1]
 
 
@@ -112,7 +119,7 @@ def test_scorers_keep_what_they_promise(tiny_dirs):
 
 def _rows(model, ids):
     """Layer 0's softmax attention of the unpruned model, averaged over each KV group: [Hkv, T, T]."""
-    from attnswap.analysis import recording
+    from attnswap.methods.attention.analysis import recording
 
     with recording(model, inputs=True) as rec:
         outputs(model, ids)
@@ -157,7 +164,7 @@ def test_namm_runs_free_and_capped(tiny_dirs):
 
 def test_namm_keeps_entries_younger_than_one_stft_window(tiny_dirs):
     """Entries younger than n_fft (32) tokens have no full spectrogram frame: namm keeps them at any budget."""
-    from attnswap.memory.namm import N_FFT
+    from attnswap.methods.cache.namm.model import N_FFT
 
     model = attnswap.load_model(tiny_dirs["llama"])
     ids = sample_ids(model.config.vocab_size, batch=1, length=128)
@@ -198,7 +205,7 @@ def test_cmaes_state_round_trips():
 
 
 def _evolve(model, tok, out, generations, resume=False):
-    from attnswap.memory.evolve import evolve
+    from attnswap.methods.cache.evolve import evolve
 
     return evolve(model, tok, task="ppl", data=str(WIKI_TEST), out=out, generations=generations, population=4,
                   sigma=0.5, seed=0, resume=resume, progress=False, task_kw={"context": 96, "score_from": 48})
@@ -206,7 +213,7 @@ def _evolve(model, tok, out, generations, resume=False):
 
 def test_evolution_resumes_to_the_same_result(tiny_dirs, tiny_tokenizer, tmp_path):
     model = attnswap.load_model(tiny_dirs["llama"])
-    attnswap.convert(model, "memory", scorer="namm", budget=0.25, interval=16)
+    prune(model, "namm", budget=0.25, interval=16)
     straight = _evolve(model, tiny_tokenizer, tmp_path / "a", 3)
     _evolve(model, tiny_tokenizer, tmp_path / "b", 1)
     resumed = _evolve(model, tiny_tokenizer, tmp_path / "b", 3, resume=True)
@@ -222,16 +229,16 @@ def test_evolution_resumes_to_the_same_result(tiny_dirs, tiny_tokenizer, tmp_pat
 
 def test_evolution_starts_from_an_init_vector(tiny_dirs, tiny_tokenizer, tmp_path):
     """--init: generation 0 is the given vector's fitness; a missing file is refused before anything is written."""
-    from attnswap.memory.evolve import evolve, fitness
+    from attnswap.methods.cache.evolve import evolve, fitness
 
     model = attnswap.load_model(tiny_dirs["llama"])
-    attnswap.convert(model, "memory", scorer="namm", budget=0.25, interval=16)
+    prune(model, "namm", budget=0.25, interval=16)
     first = _evolve(model, tiny_tokenizer, tmp_path / "a", 2)
     kw = {"context": 96, "score_from": 48}
     again = evolve(model, tiny_tokenizer, task="ppl", data=str(WIKI_TEST), out=tmp_path / "b", generations=1,
                    population=4, sigma=0.5, progress=False, task_kw=kw, init=first["params"])
     assert again["history"][0]["start"] == first["best"]  # the same vector, the same (deterministic) fitness
-    theta = attnswap.variants.memory.load_params(first["params"]).double().numpy()
+    theta = kinds()["cache"].get("namm").load_params(first["params"]).double().numpy()
     assert fitness(model, tiny_tokenizer, "ppl", str(WIKI_TEST), theta, **kw)[0] == first["best"]
     with pytest.raises(attnswap.AttnswapError, match="not found"):
         evolve(model, tiny_tokenizer, task="ppl", data=str(WIKI_TEST), out=tmp_path / "c", generations=1,
@@ -247,15 +254,16 @@ def test_evolved_parameters_load_and_travel_with_the_checkpoint(tiny_dirs, tiny_
     theta = torch.randn(506)
     save_file({"namm": theta}, str(tmp_path / "namm.safetensors"))
     out = tmp_path / "mem"
-    assert main(["convert", str(tiny_dirs["llama"]), "--to", "memory", "--set", "scorer=namm", "--set",
+    assert main(["convert", str(tiny_dirs["llama"]), "--to", "namm", "--set",
                  f"params={tmp_path / 'namm.safetensors'}", "--set", "budget=0.25", "--out", str(out)]) == 0
     (tmp_path / "namm.safetensors").unlink()  # the checkpoint must not need the file any more
     loaded = attnswap.load(out)
-    assert all(torch.equal(v.namm_params, theta) for v in variant_modules(loaded).values())
-    assert loaded.config.attnswap["options"]["params"] is None
+    assert all(torch.equal(v.namm_params, theta) for v in method_modules(loaded, "cache").values())
+    assert loaded.config.attnswap["plan"]["cache"]["options"]["params"] is None
     assert main(["export", str(out), "--out", str(tmp_path / "exp")]) == 0
     card = (tmp_path / "exp" / "README.md").read_text()
-    assert "KV-cache pruning: scorer namm, keeps 0.25 of the tokens seen" in card and "namm parameters from" in card
+    assert "cache policy namm: keeps 0.25 of the tokens seen, every 512 tokens" in card
+    assert "namm parameters from" in card
 
 
 def test_eval_memory_cli(tiny_dirs, capsys):
@@ -263,25 +271,27 @@ def test_eval_memory_cli(tiny_dirs, capsys):
 
     args = ["eval", "memory", str(tiny_dirs["llama"]), "--data", str(WIKI_TEST), "--context", "128", "--score-from",
             "64", "--interval", "32", "--passkey-context", "96", "--depths", "0.5", "--trials", "1", "--json"]
-    assert main(args + ["--scorer", "h2o", "--budget", "1.0"]) == 0
+    assert main(args + ["--policy", "h2o", "--budget", "1.0"]) == 0
     full = json.loads(capsys.readouterr().out)
-    assert main(args + ["--scorer", "h2o", "--budget", "0.25"]) == 0
+    assert main(args + ["--policy", "h2o", "--budget", "0.25"]) == 0
     pruned = json.loads(capsys.readouterr().out)
     assert full["ppl"]["kept_fraction"] == 1.0 and pruned["ppl"]["kept_fraction"] == 0.25
     assert pruned["ppl"]["peak_cache_bytes"] < full["ppl"]["peak_cache_bytes"]
     assert set(pruned["passkey"]) >= {"accuracy", "by_depth", "kept_fraction", "peak_cache_bytes"}
-    assert main(args + ["--scorer", "h2o", "--budget", "0.25", "--tasks", "ppl", "--documents", "2"]) == 0
+    assert main(args + ["--policy", "h2o", "--budget", "0.25", "--tasks", "ppl", "--documents", "2"]) == 0
     two = json.loads(capsys.readouterr().out)
     assert two["ppl"]["predictions"] == 2 * pruned["ppl"]["predictions"] == 128
     assert main(args + ["--budget", "2"]) == 2
     assert "bad --budget" in capsys.readouterr().err
-    assert main(args + ["--scorer", "nope"]) == 2
-    assert "unknown scorer 'nope'" in capsys.readouterr().err
+    assert main(args + ["--policy", "nope"]) == 2
+    assert "unknown cache method 'nope'" in capsys.readouterr().err
+    assert main(args) == 0  # no policy: the full cache
+    assert json.loads(capsys.readouterr().out)["ppl"]["kept_fraction"] is None
 
 
 def test_namm_backward_attention_fast_path_equals_the_masked_one():
     """Entries in position order use causal SDPA on the reversed sequence; with padding, an explicit mask."""
-    from attnswap.memory import namm
+    from attnswap.methods.cache.namm import model as namm
 
     g = torch.Generator().manual_seed(0)
     n = 50
@@ -308,10 +318,10 @@ def test_long_context_perplexity_pools_documents(tiny_dirs, tiny_tokenizer):
     import math
 
     from attnswap.data import encode, read_text
-    from attnswap.memory.tasks import long_context_perplexity, run_chunked
+    from attnswap.methods.cache.tasks import long_context_perplexity, run_chunked
 
     model = attnswap.load_model(tiny_dirs["llama"])
-    attnswap.convert(model, "memory", scorer="h2o", budget=0.5, interval=16)
+    prune(model, "h2o", budget=0.5, interval=16)
     both = long_context_perplexity(model, tiny_tokenizer, str(WIKI_TEST), context=64, score_from=32, documents=2)
     ids = encode(tiny_tokenizer, read_text(str(WIKI_TEST), max_chars=6 * 128 + 10_000))
     parts = [run_chunked(model, ids[i * 64:(i + 1) * 64][None], score_from=32)[:2] for i in range(2)]

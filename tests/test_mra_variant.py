@@ -79,8 +79,8 @@ def test_gpt2_convert_export_load_generate_cli(tiny_dirs, tmp_path, capsys):
     assert main(["convert", str(tiny_dirs["gpt2"]), "--to", "mra", "--set", "block_size=16", "--out", str(d)]) == 0
     assert main(["export", str(d), "--out", str(e)]) == 0
     loaded = attnswap.load(e)
-    assert loaded.config.attnswap["variant"] == "mra"
-    assert loaded.config.attnswap["options"]["block_size"] == 16
+    assert loaded.config.attnswap["plan"]["attention"][0]["method"] == "mra"
+    assert loaded.config.attnswap["plan"]["attention"][0]["options"]["block_size"] == 16
     capsys.readouterr()
     assert main(["generate", str(e), "--prompt", "The game", "--max-new-tokens", "40", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)

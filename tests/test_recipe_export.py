@@ -35,11 +35,11 @@ def test_tiny_recipe_end_to_end(tiny_dirs, tmp_path, capsys):
     assert main(["run", str(path), "--out", str(tmp_path / "run"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ev = result["eval"]
-    assert ev["converted"]["tokens"] == 9 * 63 and ev["original"]["tokens"] == 9 * 63
-    assert ev["ratio"] == pytest.approx(ev["converted"]["perplexity"] / ev["original"]["perplexity"])
+    assert ev["tokens"] == 9 * 63 and ev["original"]["tokens"] == 9 * 63
+    assert ev["ratio"] == pytest.approx(ev["perplexity"] / ev["original"]["perplexity"])
     final = tmp_path / "run" / "final"
     card = (final / "README.md").read_text()
-    assert "sliding-window" in card and f"{ev['converted']['perplexity']:.3f}" in card and "## Recipe" in card
+    assert "sliding-window" in card and f"{ev['perplexity']:.3f}" in card and "## Recipe" in card
     assert (final / "recipe.yaml").read_text() == path.read_text()
     assert not (final / "adapter").exists()  # merged
     # the export gives the logits of the fine-tuned model

@@ -400,7 +400,7 @@ def test_two_writers_on_one_out(command, tiny_dirs, tmp_path, capsys):
     assert first.wait(timeout=120) == 0, first.stderr.read()[-2000:]
     assert whole(out) and scratch(tmp_path) == [] and not run_dir(out).exists()
     if command == "convert":
-        assert config_section(out)["options"]["window"] == 8
+        assert config_section(out)["plan"]["attention"][0]["options"]["window"] == 8
     else:
         assert len(json.loads((out / "losses.json").read_text())) == 2
 

@@ -16,12 +16,12 @@ def test_convert_save_load_gives_the_same_outputs(tiny_dirs, tiny_tokenizer, tmp
     before = outputs(model, ids)
     attnswap.save(model, tmp_path / "ck", tokenizer=tiny_tokenizer)
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
-    assert cfg["attnswap"]["variant"] == "sliding-window"
-    assert cfg["attnswap"]["options"] == {"window": 5, "sinks": 1}
-    assert cfg["attnswap"]["layers"] == [0, 1]
+    assert cfg["attnswap"]["plan"]["attention"][0]["method"] == "sliding-window"
+    assert cfg["attnswap"]["plan"]["attention"][0]["options"] == {"window": 5, "sinks": 1}
+    assert cfg["attnswap"]["plan"]["attention"][0]["layers"] == [0, 1] and cfg["attnswap"]["schema"] == 2
     assert set(cfg["attnswap"]["versions"]) == {"attnswap", "torch", "transformers"}
     again = attnswap.load(tmp_path / "ck")
-    assert again.config.attnswap["variant"] == "sliding-window"
+    assert again.config.attnswap["plan"]["attention"][0]["method"] == "sliding-window"
     assert (outputs(again, ids) - before).abs().max() <= 1e-5
 
 

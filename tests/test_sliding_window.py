@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import attnswap
-from attnswap.variants.sliding_window import band_mask
+from attnswap.methods.attention.sliding_window import band_mask
 
 from .conftest import outputs, sample_ids
 from .reference import register_reference, window_allowed
@@ -46,7 +46,7 @@ def test_small_window_matches_an_explicit_masked_attention(tiny_dirs, name):
 def test_layers_option_converts_only_those_layers(tiny_dirs):
     model = attnswap.load_model(tiny_dirs["llama"])
     attnswap.convert(model, "sliding-window", layers="1", window=4)
-    assert model.config.attnswap["layers"] == [1]
+    assert model.config.attnswap["plan"]["attention"][0]["layers"] == [1]
     assert not hasattr(model.model.layers[0].self_attn, "attnswap")
     assert hasattr(model.model.layers[1].self_attn, "attnswap")
 

@@ -15,9 +15,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from . import attention
-from .arch import adapter_for
-from .surgery import _base
+from ... import attention
+from ...arch import adapter_for
+from ...surgery import base_model as _base
 
 
 @contextlib.contextmanager

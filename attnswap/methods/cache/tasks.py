@@ -1,7 +1,7 @@
 """Tasks under a pruned cache, built from local text: long-context perplexity and passkey retrieval.
 
-Both feed the model in chunks of the memory variant's `interval` through `attnswap.generation.make_cache`,
-so eviction happens during prefill exactly as it would in a long generation.
+Both feed the model in chunks of the cache policy's `interval` (512 without one) through
+`attnswap.generation.make_cache`, so eviction happens during prefill exactly as it would in a long generation.
 """
 from __future__ import annotations
 
@@ -10,26 +10,33 @@ import random
 
 import torch
 
-from ..data import encode, read_text
-from ..errors import AttnswapError
-from ..generation import make_cache
-from ..surgery import variant_modules
+from ...data import encode, read_text
+from ...errors import AttnswapError
+from ...generation import make_cache
+from ...surgery import method_modules
+from .base import CacheOptions
 
 
-def _kept_fraction(cache) -> float:
-    """Entries kept / tokens seen, averaged over layers and KV heads (1.0 for layers without pruning)."""
-    fracs = []
-    for layer in cache.layers:
-        if hasattr(layer, "valid") and layer.valid is not None and layer.seen:
-            fracs.append(layer.valid.float().sum(-1).mean().item() / layer.seen)
-        else:
-            fracs.append(1.0)
-    return sum(fracs) / len(fracs)
+def _kept_fraction(cache) -> float | None:
+    """Entries kept / tokens seen, averaged over the pruned layers and their KV heads (None: no layer is pruned;
+    layers a policy does not prune, by the plan's composition rule, are not in the average)."""
+    fracs = [layer.valid.float().sum(-1).mean().item() / layer.seen for layer in cache.layers
+             if getattr(layer, "valid", None) is not None and layer.seen]
+    return sum(fracs) / len(fracs) if fracs else None
+
+
+def _pruned_layers(cache) -> int:
+    return sum(1 for layer in cache.layers if hasattr(layer, "valid"))
 
 
 def _interval(model) -> int:
-    variants = list(variant_modules(model).values())
-    return variants[0].options.interval if variants and hasattr(variants[0].options, "interval") else 512
+    policies = list(method_modules(model, "cache").values())
+    return policies[0].options.interval if policies else CacheOptions.model_fields["interval"].default
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def peak_bytes(cache) -> int:
@@ -67,7 +74,7 @@ def run_chunked(model, ids: torch.Tensor, chunk: int | None = None, score_from: 
 
 
 def long_context_perplexity(model, tokenizer, data: str, context: int = 8192, score_from: int = 4096,
-                            documents: int = 1) -> dict:
+                            documents: int = 1, chunk: int | None = None) -> dict:
     """Perplexity of tokens score_from..context of `documents` consecutive context-long stretches of `data`."""
     ids = encode(tokenizer, read_text(data, max_chars=6 * context * documents + 10_000))
     if len(ids) < context * documents:
@@ -75,11 +82,12 @@ def long_context_perplexity(model, tokenizer, data: str, context: int = 8192, sc
     nll, count, kept, peak = 0.0, 0, [], 0
     for d in range(documents):
         doc = ids[d * context:(d + 1) * context][None]
-        n, c, cache, p = run_chunked(model, doc, score_from=score_from)
+        n, c, cache, p = run_chunked(model, doc, chunk, score_from=score_from)
         nll, count, peak = nll + n, count + c, max(peak, p)
         kept.append(_kept_fraction(cache))
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "predictions": count, "context": context,
-            "score_from": score_from, "kept_fraction": sum(kept) / len(kept), "peak_cache_bytes": peak}
+            "score_from": score_from, "kept_fraction": _mean(kept), "pruned_layers": _pruned_layers(cache),
+            "layers": len(cache.layers), "peak_cache_bytes": peak}
 
 
 PASSKEY = "The pass key is {key}. Remember it. {key} is the pass key."
@@ -88,7 +96,7 @@ QUESTION = " What is the pass key? The pass key is"
 
 @torch.no_grad()
 def passkey(model, tokenizer, data: str, context: int = 4096, depths=(0.1, 0.3, 0.5, 0.7, 0.9), trials: int = 2,
-            seed: int = 0) -> dict:
+            seed: int = 0, chunk: int | None = None) -> dict:
     """Accuracy of recalling a 5-digit key hidden at each depth of `context` tokens of filler text."""
     filler = encode(tokenizer, read_text(data, max_chars=6 * context + 10_000))
     rng = random.Random(seed)
@@ -104,7 +112,7 @@ def passkey(model, tokenizer, data: str, context: int = 4096, depths=(0.1, 0.3, 
             hay = filler[offset:offset + room]
             at = int(depth * len(hay))
             ids = torch.cat([hay[:at], needle, hay[at:], question])[None]
-            _, _, cache, p = run_chunked(model, ids[:, :-1])
+            _, _, cache, p = run_chunked(model, ids[:, :-1], chunk)
             peak = max(peak, p)
             last = ids[:, -1:]
             out = []
@@ -117,4 +125,5 @@ def passkey(model, tokenizer, data: str, context: int = 4096, depths=(0.1, 0.3, 
             kept.append(_kept_fraction(cache))
         by_depth[str(depth)] = hits / trials
     return {"accuracy": sum(by_depth.values()) / len(by_depth), "by_depth": by_depth, "context": context,
-            "trials": trials, "kept_fraction": sum(kept) / len(kept), "peak_cache_bytes": peak}
+            "trials": trials, "kept_fraction": _mean(kept), "pruned_layers": _pruned_layers(cache),
+            "layers": len(cache.layers), "peak_cache_bytes": peak}

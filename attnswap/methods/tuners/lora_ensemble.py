@@ -8,9 +8,9 @@ of the attention projections (q, k, v, o by default):
 
 initialised as LoRA: B_m = 0 (so every member starts as the original model) and A_m uniform
 (+-1/sqrt(in), PEFT's kaiming-uniform) from a per-member seed, so members differ. The backbone is shared and
-frozen; all members are computed in one forward over N stacked copies of the batch (`attnswap.members`), with
+frozen; all members are computed in one forward over N stacked copies of the batch (`members.MemberAxis`), with
 the batched op `attnswap_kernels.batched_lora` (two bmm calls, no per-member passes). Predictions are the mean
-of the members' softmax probabilities. Attention itself is the original SDPA.
+of the members' softmax probabilities. A tuner: it composes with any attention methods and cache policy.
 """
 from __future__ import annotations
 
@@ -20,18 +20,15 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 from torch import nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from attnswap_kernels.batched_lora import batched_lora
 
-from ..members import MemberAxis
-from .base import Variant, VariantOptions
-from .registry import register
-
-TARGETS = ("q", "k", "v", "o")
+from .. import Options
+from . import register
+from .base import TARGETS, Tuner
 
 
-class LoraEnsembleOptions(VariantOptions):
+class LoraEnsembleOptions(Options):
     members: int = Field(4, ge=1, le=64, description="ensemble members N")
     r: int = Field(8, ge=1, description="LoRA rank of each member")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
@@ -53,44 +50,22 @@ class LoraEnsembleOptions(VariantOptions):
         return v
 
 
-class _ProjectionHook:
-    """Forward hook of one projection module: adds each member's update to its slice of the output."""
-
-    def __init__(self, variant: "LoraEnsemble", parts: list[tuple[str, slice]]):
-        self.variant = variant
-        self.parts = parts
-
-    def __call__(self, module, args, output):
-        x = args[0]
-        total = output.shape[-1]
-        for target, sl in self.parts:
-            delta = self.variant.delta(target, x)
-            if sl != slice(None):
-                delta = nn.functional.pad(delta, (sl.start, total - sl.stop))
-            output = output + delta
-        return output
-
-
 @register
-class LoraEnsemble(Variant):
+class LoraEnsemble(Tuner):
     name = "lora-ensemble"
     summary = "N LoRA members on one frozen backbone in one batched forward; mean of member probabilities"
     Options = LoraEnsembleOptions
     adds = "per member and target: A [in, r], B [r, out] (B = 0 at conversion); trained by finetune"
-    is_adapter = True
 
     def __init__(self, options, site, geometry, adapter):
         super().__init__(options, site, geometry, adapter)
         n, r = options.members, options.r
         self.members = n
         self.scale = options.alpha / r
-        h, d = geometry.hidden_size, geometry.head_dim
-        dims = {"q": (h, geometry.num_heads * d), "k": (h, geometry.num_kv_heads * d),
-                "v": (h, geometry.num_kv_heads * d), "o": (geometry.num_heads * d, h)}
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         for t in options.targets:
-            fan_in, fan_out = dims[t]
+            fan_in, fan_out = self.dims(t)
             a = torch.empty(n, fan_in, r)
             bound = 1.0 / math.sqrt(fan_in)
             for m in range(n):
@@ -100,26 +75,8 @@ class LoraEnsemble(Variant):
             self.lora_B[t] = nn.Parameter(torch.zeros(n, r, fan_out))
 
     @classmethod
-    def model_hooks(cls, model, adapter, options):
-        from ..surgery import variant_modules
-
-        variants = variant_modules(model)
-        handles = []
-        for site in adapter.sites(model):
-            variant = variants.get(site.path)
-            if variant is None:
-                continue
-            by_module: dict[int, tuple[nn.Module, list]] = {}
-            for t, (module, sl) in adapter.projection_modules(model, site).items():
-                if t in options.targets:
-                    by_module.setdefault(id(module), (module, []))[1].append((t, sl))
-            for module, parts in by_module.values():
-                handles.append(module.register_forward_hook(_ProjectionHook(variant, parts)))
-        return handles + MemberAxis(options.members, options.batch_mode == "split").install(model)
-
-    @classmethod
-    def describe(cls, section):
-        o = section["options"]
+    def describe(cls, entry, prepared):
+        o = entry["options"]
         return [f"LoRA-Ensemble: {o['members']} members, r {o['r']}, alpha {o['alpha']}, targets "
                 f"{','.join(o['targets'])}, batch_mode {o['batch_mode']}; predictions are the mean of the members' "
                 f"probabilities (export --member k gives one member merged into a plain model)"]
@@ -127,14 +84,11 @@ class LoraEnsemble(Variant):
     def delta(self, target: str, x: torch.Tensor) -> torch.Tensor:
         return batched_lora(x, self.lora_A[target], self.lora_B[target], self.scale)
 
-    def merge_member(self, member, projections):
+    def merge(self, projections, member=0):
         for t in self.options.targets:
             w = projections[t].weight  # [out, in] view of the backbone parameter
             update = (self.lora_A[t][member] @ self.lora_B[t][member]).t() * self.scale
             w.add_(update.to(w.dtype))
-
-    def forward(self, module, query, key, value, attention_mask, **kwargs):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def _member_seed(seed: int, member: int, layer: int, target: str) -> int:

@@ -14,11 +14,12 @@ from pydantic import Field, model_validator
 
 from attnswap_kernels.mra import mra_attention
 
-from .base import Variant, VariantOptions, key_padding_keep
-from .registry import register
+from .. import Options
+from . import register
+from .base import AttentionMethod, key_padding_keep
 
 
-class MRAOptions(VariantOptions):
+class MRAOptions(Options):
     block_size: int = Field(32, ge=1, description="tokens per block (the Triton kernel needs a power of 2 >= 16)")
     block_budget: float = Field(
         0.5, gt=0, description="exact blocks: <= 1 a fraction of the allowed block pairs, > 1 blocks per query-block row")
@@ -39,7 +40,7 @@ class MRAOptions(VariantOptions):
 
 
 @register
-class MRA(Variant):
+class MRA(AttentionMethod):
     name = "mra"
     summary = "multi-resolution attention: exact top-k blocks + block-mean approximation (MRA), Triton kernel"
     Options = MRAOptions

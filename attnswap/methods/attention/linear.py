@@ -29,14 +29,15 @@ from transformers.cache_utils import CacheLayerMixin
 from attnswap_kernels.linear_attn import causal_linear_attn
 from attnswap_kernels.window_attn import window_softmax_terms
 
-from ..errors import AttnswapError
-from .base import Variant, VariantOptions, key_padding_keep
-from .registry import register
+from ...errors import AttnswapError
+from .. import Options
+from . import register
+from .base import AttentionMethod, key_padding_keep
 
 EPS = 1e-6
 
 
-class LinearOptions(VariantOptions):
+class LinearOptions(Options):
     feature_map: Literal["elu", "hedgehog", "relu", "identity"] = Field(
         "hedgehog", description="phi: elu (elu+1), hedgehog (learned [softmax(xW), softmax(-xW)]), relu, identity")
     window: int = Field(64, ge=0, description="exact softmax over the last w tokens (0: pure linear attention)")
@@ -77,10 +78,11 @@ class FeatureMap(nn.Module):
 
 
 @register
-class LinearAttention(Variant):
+class LinearAttention(AttentionMethod):
     name = "linear"
     summary = "linear attention with learned feature maps, hybrid with an exact window + sinks (Hedgehog, LoLCATs)"
     Options = LinearOptions
+    prunable = False  # decodes from a constant-size state of its own (LinearStateLayer)
     adds = "feature maps (hedgehog) and per-head mix factors; trained by 'attnswap distill' then finetune"
 
     @classmethod
@@ -111,15 +113,12 @@ class LinearAttention(Variant):
         return self.phi_q(query)
 
     def forward(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        layer = self.__dict__.pop("_pending_cache", None)  # set by LinearStateLayer.update for this call
-        if layer is not None:
-            out = layer.attend(self, query, key, value, scale)
-        elif query.shape[2] != key.shape[2]:
+        # with the linear-state cache, the attention function calls `LinearStateLayer.attend` instead
+        if query.shape[2] != key.shape[2]:
             raise AttnswapError("linear: decoding needs the linear-state cache (attnswap.generation.make_cache); "
                                 "a plain KV cache holds no feature-map state")
-        else:
-            out = self.attend(query, key, value, scale, key_padding_keep(attention_mask))  # [B, H, T, D]
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = self.attend(query, key, value, scale, key_padding_keep(attention_mask))  # [B, H, T, D]
         return out.transpose(1, 2).to(query.dtype), None
 
     def make_cache_layer(self):
@@ -190,7 +189,7 @@ class LinearStateLayer(CacheLayerMixin):
 
     Holds the first `sinks` keys/values, the last `window` other keys/values, and the linear state of
     every older token, S = sum phi(k_j) [v_j, 1]^T  [B, Hk, F, D + 1] (float32). transformers calls
-    `update` with the new keys/values; the variant's forward then calls `attend`, which computes the new
+    `update` with the new keys/values; the attention function then calls `attend`, which computes the new
     queries' outputs from these pieces and folds the tokens that leave the window into S.
     """
 
@@ -198,9 +197,9 @@ class LinearStateLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, variant: LinearAttention):
+    def __init__(self, method: LinearAttention):
         super().__init__()
-        self.variant = variant
+        self.method = method
         self.seen = 0  # tokens processed so far (positions 0 .. seen - 1)
         self.sink_k = self.sink_v = self.win_k = self.win_v = self.state = None
 
@@ -215,22 +214,23 @@ class LinearStateLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.new_k, self.new_v = key_states, value_states
-        self.variant._pending_cache = self
         keys = torch.cat([self.sink_k, self.win_k, key_states], dim=2)
         values = torch.cat([self.sink_v, self.win_v, value_states], dim=2)
         return keys, values
 
-    def attend(self, variant: LinearAttention, query, key, value, scale):
-        """Outputs of the new queries (positions seen .. seen + n - 1), then advance the state."""
-        o = variant.options
+    def attend(self, module, query, key, value, attention_mask, method: LinearAttention, scaling=None, **kwargs):
+        """Outputs of the new queries (positions seen .. seen + n - 1), then advance the state. Called by the
+        attention function with this layer and the layer's method as explicit arguments."""
+        o = method.options
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         n = query.shape[2]
         if self.seen == 0:
-            out = variant.attend(query, self.new_k, self.new_v, scale)  # prefill: the parallel form
+            out = method.attend(query, self.new_k, self.new_v, scale)  # prefill: the parallel form
         else:
-            out = self._attend_recurrent(variant, query, key, value, scale)
-        self._advance(variant, o.sinks, o.window)
+            out = self._attend_recurrent(method, query, key, value, scale)
+        self._advance(method, o.sinks, o.window)
         self.seen += n
-        return out
+        return out.transpose(1, 2).to(query.dtype), None
 
     def _positions(self, n):
         dev = self.new_k.device
@@ -240,8 +240,8 @@ class LinearStateLayer(CacheLayerMixin):
         new_pos = torch.arange(self.seen, self.seen + n, device=dev)
         return torch.cat([sink_pos, win_pos, new_pos]), new_pos
 
-    def _attend_recurrent(self, variant, query, key, value, scale):
-        o = variant.options
+    def _attend_recurrent(self, method, query, key, value, scale):
+        o = method.options
         b, h, n, d = query.shape
         hk = key.shape[1]
         g = h // hk
@@ -251,8 +251,8 @@ class LinearStateLayer(CacheLayerMixin):
         exact = causal & (((qi - kj) < o.window) | (kj < o.sinks))
         linear = causal & ~exact
         qg = query.float().view(b, hk, g, n, d)
-        fq = variant._phi_q(query).float().view(b, hk, g, n, -1)
-        fk = variant.phi_k(key).float()  # [B, Hk, R + n, F]
+        fq = method._phi_q(query).float().view(b, hk, g, n, -1)
+        fk = method.phi_k(key).float()  # [B, Hk, R + n, F]
         v_ext = torch.cat([value.float(), torch.ones_like(value[..., :1], dtype=torch.float32)], dim=-1)
         kern = torch.einsum("bhgqf,bhkf->bhgqk", fq, fk) * linear
         lin = kern @ v_ext[:, :, None]  # [B, Hk, G, n, D + 1]
@@ -260,17 +260,17 @@ class LinearStateLayer(CacheLayerMixin):
             lin = lin + torch.einsum("bhgqf,bhfv->bhgqv", fq, self.state)
         lin = lin.reshape(b, h, n, d + 1)
         num, den = lin[..., :d], lin[..., d]
-        if not variant.exact:
-            return variant.merge(h, None, None, num, den)
+        if not method.exact:
+            return method.merge(h, None, None, num, den)
         scores = torch.einsum("bhgqd,bhkd->bhgqk", qg, key.float()) * scale
         scores = scores.masked_fill(~exact, torch.finfo(torch.float32).min)
         p = torch.exp(scores - scores.amax(-1, keepdim=True)) * exact
         a = (p @ value.float()[:, :, None]).reshape(b, h, n, d)
         c = p.sum(-1).reshape(b, h, n)
-        return variant.merge(h, a, c, num, den)
+        return method.merge(h, a, c, num, den)
 
     @torch.no_grad()
-    def _advance(self, variant, sinks, window):
+    def _advance(self, method, sinks, window):
         """New tokens join the sinks (while fewer than `sinks` were seen) or the window; the overflow of the
         window is folded into the linear state."""
         new_k, new_v = self.new_k, self.new_v
@@ -283,7 +283,7 @@ class LinearStateLayer(CacheLayerMixin):
         win_v = torch.cat([self.win_v, new_v], dim=2)
         spill = win_k.shape[2] - window
         if spill > 0:
-            fk = variant.phi_k(win_k[:, :, :spill]).float()
+            fk = method.phi_k(win_k[:, :, :spill]).float()
             v_ext = torch.cat([win_v[:, :, :spill].float(), torch.ones_like(win_v[:, :, :spill, :1], dtype=torch.float32)], -1)
             add = torch.einsum("bhtf,bhtv->bhfv", fk, v_ext)
             self.state = add if self.state is None else self.state + add

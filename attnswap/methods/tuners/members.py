@@ -1,6 +1,6 @@
 """The member axis: N members of one model (one frozen backbone, N small adapters) in one batched forward.
 
-A converted model whose variants carry N > 1 members (`Variant.members`, e.g. lora-ensemble) runs every input
+A converted model whose tuner carries N > 1 members (`Tuner.members`, e.g. a LoRA ensemble) runs every input
 as N stacked copies [N*B, ...], member-major: rows m*B .. m*B+B-1 belong to member m, and each member's
 adapter applies to its own rows. A hook on the model's forward does the stacking, so callers pass [B, ...]:
 
@@ -22,8 +22,8 @@ import math
 import torch
 from torch import nn
 
-from .errors import AttnswapError
-from .surgery import _base, variant_modules
+from ...errors import AttnswapError
+from ...surgery import base_model as _base, method_modules
 
 # forward kwargs that are not batched along dim 0
 _NOT_BATCHED = {"cache_position", "logits_to_keep"}
@@ -31,11 +31,11 @@ _NOT_BATCHED = {"cache_position", "logits_to_keep"}
 
 def member_count(model: nn.Module) -> int:
     """N: the members a converted model runs (1 for a single model)."""
-    return max((v.members for v in variant_modules(model).values()), default=1)
+    return max((t.members for t in method_modules(model, "tuner").values()), default=1)
 
 
 class MemberAxis:
-    """The forward hooks of the model's top-level module (installed by a variant's `model_hooks`)."""
+    """The forward hooks of the model's top-level module (installed by `Tuner.model_hooks` when members > 1)."""
 
     def __init__(self, members: int, split: bool):
         self.members = members
@@ -115,21 +115,26 @@ def per_member(model: nn.Module):
 
 
 def extract_member(model: nn.Module, member: int) -> nn.Module:
-    """Fold member `member` into the backbone weights and remove the variant: a plain model (in place)."""
-    from .arch import adapter_for
-    from .surgery import revert
+    """Fold member `member` of the tuner into the backbone weights and remove the plan: a plain model (in place).
+    Only a plan whose sole part is a tuner with members can be unloaded this way."""
+    from ...arch import adapter_for
+    from ...surgery import plan_of, revert
 
     base = _base(model)
-    if not variant_modules(base):
-        raise AttnswapError("--member: this model has no members (convert it with a variant that has them, "
-                            "e.g. lora-ensemble)")
+    tuners = method_modules(base, "tuner")
     n = member_count(base)
+    if not tuners or n < 2:
+        raise AttnswapError("--member: this model has no members (convert it with a tuner that has them, e.g. "
+                            "'attnswap list' shows a tuner with a 'members' option)")
     if not 0 <= member < n:
         raise AttnswapError(f"--member {member}: this model has members 0-{n - 1}")
+    plan, _ = plan_of(base)
+    if plan.get("attention") or plan.get("cache"):
+        raise AttnswapError("--member: the plan also has attention methods or a cache policy, which a plain model "
+                            "cannot hold; export the whole model instead")
     adapter = adapter_for(base.config)
-    variants = variant_modules(base)
     with torch.no_grad():
         for site in adapter.sites(base):
-            if site.path in variants:
-                variants[site.path].merge_member(member, adapter.projections(base, site))
+            if site.path in tuners:
+                tuners[site.path].merge(adapter.projections(base, site), member)
     return revert(model)

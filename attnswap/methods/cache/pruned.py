@@ -3,10 +3,11 @@
 Stores keys/values [B, Hkv, N, D] with each entry's original position and a validity flag (entries are
 padded per head when heads keep different numbers of tokens). transformers calls `update` with the new
 keys/values (RoPE already applied at their true positions, so evicting never shifts a position); the
-`memory` variant then computes attention over the kept entries (SDPA with a mask from positions and
-validity) and calls `after_attend`, which every `interval` tokens recomputes the attention rows the scorer
-needs (the queries since the last eviction against the kept keys), scores every entry per KV head and
-keeps the best (`budget` x tokens seen) or, with no budget, those scoring above 0.
+attention function then calls `attend` with this layer as an explicit argument: exact attention over the kept
+entries (SDPA with a mask from positions and validity), or the layer's attention method over them (in position
+order, with that mask). Then `after_attend`: every `interval` tokens it recomputes the attention rows the
+policy needs (the queries since the last eviction against the kept keys), has the policy score every entry
+per KV head and keeps the best (`budget` x tokens seen) or, with no budget, those scoring above 0.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import math
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 
 class PrunedLayer(CacheLayerMixin):
@@ -21,9 +23,9 @@ class PrunedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, variant):
+    def __init__(self, policy):
         super().__init__()
-        self.variant = variant
+        self.policy = policy
         self.seen = 0  # tokens processed (positions 0 .. seen - 1)
         self.evictions = 0
         self.pos = self.valid = None  # [B, Hkv, N] long / bool
@@ -54,8 +56,22 @@ class PrunedLayer(CacheLayerMixin):
             pad = t.new_zeros(*t.shape[:2], n, *t.shape[3:])
             self.stats[k] = torch.cat([t, pad], dim=2)
         self.peak_bytes = max(self.peak_bytes, self.keys.nbytes + self.values.nbytes)
-        self.variant._pending_cache = self
         return self.keys, self.values
+
+    def attend(self, module, query, key, value, attention_mask, method=None, scaling=None, **kwargs):
+        """The layer's attention over the kept entries (called by the attention function after `update`):
+        exact SDPA, or the layer's attention `method`, under a mask from the entries' positions and validity;
+        then remember the queries and evict when an interval is complete."""
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        q_pos = torch.arange(self.seen, self.seen + query.shape[2], device=query.device)
+        mask = self.allowed(q_pos, query.shape[1])
+        kwargs.pop("is_causal", None)
+        if method is None:
+            out = sdpa_attention_forward(module, query, key, value, mask, is_causal=False, scaling=scale, **kwargs)
+        else:
+            out = method(module, query, key, value, mask, scaling=scaling, **kwargs)
+        self.after_attend(query.detach(), scale)
+        return out[0], None
 
     def allowed(self, q_pos: torch.Tensor, heads: int) -> torch.Tensor:
         """[B, H, Tq, N] True where a query (positions q_pos) may attend an entry: kept and not in its future."""
@@ -76,24 +92,24 @@ class PrunedLayer(CacheLayerMixin):
         """Remember the new queries; every `interval` tokens, score and evict."""
         n = query.shape[2]
         q_pos = torch.arange(self.seen, self.seen + n, device=query.device)
-        scorer = self.variant.scorer
-        if scorer.rows:
-            keep_q = self.variant.options.interval + n
+        policy = self.policy
+        if policy.rows:
+            keep_q = policy.options.interval + n
             self.recent_q = query if self.recent_q is None else torch.cat([self.recent_q, query], dim=2)[:, :, -keep_q:]
             self.recent_pos = q_pos if self.recent_pos is None else torch.cat([self.recent_pos, q_pos])[-keep_q:]
         before = self.seen
         self.seen += n
-        interval = self.variant.options.interval
+        interval = self.policy.options.interval
         if self.seen // interval > before // interval:
             self.evict(scale)
 
     @torch.no_grad()
     def evict(self, scale: float) -> None:
-        scorer, budget = self.variant.scorer, self.variant.options.budget
+        policy, budget = self.policy, self.policy.options.budget
         rows = None
-        if scorer.rows:
+        if policy.rows:
             rows = self.attention_rows(self.recent_q, self.recent_pos, scale)
-        score = scorer.score(self, rows).float()  # [B, Hkv, N], higher = keep
+        score = policy.score(self, rows).float()  # [B, Hkv, N], higher = keep
         if budget is not None:
             k = min(self.keys.shape[2], max(1, math.ceil(budget * self.seen)))
             keep = torch.zeros_like(self.valid)
@@ -139,4 +155,4 @@ class PrunedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.variant)
+        self.__init__(self.policy)

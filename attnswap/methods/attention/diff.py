@@ -22,12 +22,13 @@ from pydantic import Field
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..errors import AttnswapError
-from .base import Variant, VariantOptions
-from .registry import register
+from ...errors import AttnswapError
+from .. import Options
+from . import register
+from .base import AttentionMethod
 
 
-class DiffOptions(VariantOptions):
+class DiffOptions(Options):
     lambda_std: float = Field(0.1, ge=0, description="std of the lambda vectors lq1, lk1, lq2, lk2 at conversion")
     eps: float = Field(1e-5, gt=0, description="epsilon of the per-head RMS norm")
 
@@ -48,7 +49,7 @@ def lambda_init_for(layer: int) -> float:
 
 
 @register
-class DiffAttention(Variant):
+class DiffAttention(AttentionMethod):
     name = "diff"
     summary = "Differential attention (two half-dim softmaxes subtracted, per-head RMS norm), from pretrained q/k halves"
     Options = DiffOptions

@@ -1,9 +1,10 @@
-"""Evolve the NAMM scorer's parameters with CMA-ES on a memory task, with a checkpoint per generation.
+"""Evolve the parameters of a cache policy that has them (`CachePolicy.evolvable`, e.g. namm's network) with
+CMA-ES on a memory task, with a checkpoint per generation.
 
-OUT/evolve.json holds the run's settings, the CMA-ES state (random generator included) and the history;
-OUT/namm.safetensors the best parameters so far (load with `--set params=...` or `memory` option
-`params`). `resume=True` continues from OUT/evolve.json: the generations computed after a resume are the
-ones an uninterrupted run computes, so the result is the same for a fixed seed.
+OUT/evolve.json holds the run's settings, the CMA-ES state and the history; OUT/<policy>.safetensors the best
+parameters so far (key: the policy's name; load them with the policy's option `params`). `resume=True`
+continues from OUT/evolve.json: the generations computed after a resume are the ones an uninterrupted run
+computes, so the result is the same for a fixed seed.
 """
 from __future__ import annotations
 
@@ -17,25 +18,37 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .. import faults, outputs
-from ..errors import AttnswapError, NumericalError
-from ..surgery import variant_modules
-from ..variants.memory import load_params
+from ... import faults, outputs
+from ...errors import AttnswapError, NumericalError
+from ...surgery import method_modules
 from .cmaes import CMAES
-from .namm import default_params
 from .tasks import long_context_perplexity, passkey
 
 STATE = "evolve.json"
-PARAMS = "namm.safetensors"
 TASKS = ("ppl", "passkey")
+
+
+def params_file(policy) -> str:
+    """The file of a run's best parameters: `<policy name>.safetensors`."""
+    return f"{policy.name}.safetensors"
+
+
+def evolvable_policy(model):
+    """The cache-policy instances of `model` and the name of the buffer a search sets, or a one-line error."""
+    policies = list(method_modules(model, "cache").values())
+    if not policies or type(policies[0]).evolvable is None:
+        raise AttnswapError("evolve needs a model with a cache policy that has parameters to evolve (a policy "
+                            "whose 'attnswap list' entry says so)")
+    return policies, type(policies[0]).evolvable
 
 
 def fitness(model, tokenizer, task: str, data: str, theta: np.ndarray, **task_kw) -> tuple[float, dict]:
     """(value to minimise, the task's result) for one parameter vector: nll for ppl, -accuracy (then nll of
     nothing: ties stay ties) for passkey."""
     t = torch.tensor(theta, dtype=torch.float32)
-    for v in variant_modules(model).values():
-        v.namm_params.copy_(t)
+    policies, buffer = evolvable_policy(model)
+    for p in policies:
+        getattr(p, buffer).copy_(t)
     if task == "ppl":
         r = long_context_perplexity(model, tokenizer, data, **task_kw)
         return r["nll"], r
@@ -46,24 +59,24 @@ def fitness(model, tokenizer, task: str, data: str, theta: np.ndarray, **task_kw
 def evolve(model, tokenizer, *, task: str, data: str, out: str | os.PathLike, generations: int, population: int,
            sigma: float = 0.1, seed: int = 0, resume: bool = False, force: bool = False, progress: bool = True,
            task_kw: dict | None = None, log=None, init: str | os.PathLike | None = None, protect=()) -> dict:
-    """Run CMA-ES over the namm parameters of a model converted to `memory` with scorer namm, starting from
-    `namm.default_params()` or from the parameters file `init` (incremental evolution: a vector evolved on
-    one setting, refined on another, as the NAMM paper does between its stages).
+    """Run CMA-ES over the parameters of the model's cache policy, starting from the policy's
+    `initial_params()` or from the parameters file `init` (incremental evolution: a vector evolved on one
+    setting, refined on another, as the NAMM paper does between its stages).
 
     The run works in a resumable run directory beside `out` (`outputs.writing` with progress): each
     generation's state and parameters are written atomically there; the finished run is swapped in as `out`.
     `resume` continues an interrupted run (or a finished one, for more generations)."""
     if task not in TASKS:
         raise AttnswapError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
-    variants = list(variant_modules(model).values())
-    if not variants or getattr(variants[0].options, "scorer", None) != "namm":
-        raise AttnswapError("evolve needs a model converted to 'memory' with scorer namm")
+    policies, _ = evolvable_policy(model)
+    cls = type(policies[0])
     settings = {"task": task, "data": data, "population": population, "sigma": sigma, "seed": seed,
-                "options": variants[0].options.model_dump(mode="json"), "task_kw": task_kw or {},
+                "options": policies[0].options.model_dump(mode="json"), "task_kw": task_kw or {},
                 "init": None if init is None else str(init)}
-    x0 = None if resume else (default_params() if init is None else load_params(init)).double().numpy()
+    x0 = None if resume else (cls.initial_params() if init is None else cls.load_params(init)).double().numpy()
+    params = params_file(cls)
     with outputs.writing(out, force=force, resume=resume, protect=protect, label="evolve", progress=STATE,
-                         carry=(STATE, PARAMS)) as run:
+                         carry=(STATE, params)) as run:
         if resume:
             saved = _read_state(run / STATE)
             if saved["settings"] != settings:
@@ -72,7 +85,7 @@ def evolve(model, tokenizer, *, task: str, data: str, out: str | os.PathLike, ge
                                     "same options")
             if "fitness" not in saved.get("cmaes", {}):
                 raise AttnswapError(f"the run of {out} was written by attnswap 0.1.0's own CMA-ES, which resume no "
-                                    "longer continues; start it again with --force (or --init its namm.safetensors)")
+                                    "longer continues; start it again with --force (or --init its parameters file)")
             es, history = CMAES.from_state(saved["cmaes"]), saved["history"]
         else:
             es = CMAES(x0, sigma, popsize=population, seed=seed)
@@ -93,24 +106,24 @@ def evolve(model, tokenizer, *, task: str, data: str, out: str | os.PathLike, ge
             history.append({"generation": es.generation, "best": es.best_f, "min": float(min(fs)),
                             "mean": float(np.mean(fs)), "sigma": es.sigma,
                             "seconds": round(time.perf_counter() - t0, 1)})
-            _save_progress(run, es, settings, history)
+            _save_progress(run, es, settings, history, cls.name)
             bar.update(1)
             bar.set_postfix(best=f"{es.best_f:.4f}", mean=f"{np.mean(fs):.4f}", sigma=f"{es.sigma:.3f}")
             if log:
                 log(f"generation {es.generation}: best {es.best_f:.5f}, min {min(fs):.5f}, mean {np.mean(fs):.5f}")
         bar.close()
-        if not (run / PARAMS).is_file():  # zero generations asked: the start is the best
-            _save_progress(run, es, settings, history)
+        if not (run / params).is_file():  # zero generations asked: the start is the best
+            _save_progress(run, es, settings, history, cls.name)
     out = outputs.user_path(out)
-    return {"out": str(out), "params": str(out / PARAMS), "best": es.best_f, "generations": es.generation,
+    return {"out": str(out), "params": str(out / params), "best": es.best_f, "generations": es.generation,
             "evaluations": es.evaluations, "history": history}
 
 
-def _save_progress(run: Path, es: CMAES, settings: dict, history: list) -> None:
+def _save_progress(run: Path, es: CMAES, settings: dict, history: list, name: str) -> None:
     """The best vector first, then the state that names its generation: a kill between the two leaves the
     previous state, which resumes to the same result (it recomputes this generation)."""
-    best = {"namm": torch.tensor(es.best_x, dtype=torch.float32)}
-    outputs.write_file(run / PARAMS, lambda tmp: save_file(best, str(tmp)), label="evolve.params_file")
+    best = {name: torch.tensor(es.best_x, dtype=torch.float32)}
+    outputs.write_file(run / f"{name}.safetensors", lambda tmp: save_file(best, str(tmp)), label="evolve.params_file")
     faults.point("evolve.params")
     outputs.write_atomic(run / STATE, json.dumps({"settings": settings, "cmaes": es.state(), "history": history}),
                          label="evolve.state")

@@ -1,4 +1,4 @@
-"""NAMM: Neural Attention Memory Models (Cetin et al., "An Evolved Universal Transformer Memory", 2024;
+"""The NAMM network: Neural Attention Memory Models (Cetin et al., "An Evolved Universal Transformer Memory", 2024;
 SakanaAI/evo-memory), the scorer evolved with CMA-ES.
 
 Features of every cached entry (per layer and KV head), from the attention it receives:
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from .scorers import Scorer, _protect_recent, register
 
 N_FFT, HOP, EMA, FREQS, RECENCY, HIDDEN = 32, 16, 0.99, 17, 8, 8
 IN = FREQS + RECENCY
@@ -89,22 +88,3 @@ def standardise(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     mean = (x * w).sum(2, keepdim=True) / n
     var = ((x - mean).pow(2) * w).sum(2, keepdim=True) / n
     return (x - mean) / (var + 1e-6).sqrt()
-
-
-@register
-class NAMM(Scorer):
-    name = "namm"
-    rows = True
-
-    def score(self, layer, rows):
-        mags = spectrogram(rows.float())  # [B, Hkv, F, N, 17]
-        ema = layer.stats.get("namm")
-        ema = torch.zeros_like(mags[:, :, 0]) if ema is None else ema
-        for f in range(mags.shape[2]):
-            ema = EMA * ema + (1 - EMA) * mags[:, :, f]
-        layer.stats["namm"] = ema
-        age = (layer.seen - layer.pos).clamp_min(0)
-        x = torch.cat([torch.log(ema + 1e-8), recency(age)], dim=-1)
-        x = standardise(x, layer.valid)
-        score = network(self.variant.namm_params, x, layer.pos, layer.valid)
-        return _protect_recent(score, layer, N_FFT - 1)  # ages 1..31: no full STFT frame yet, kept

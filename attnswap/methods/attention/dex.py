@@ -37,12 +37,13 @@ from pydantic import Field
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..errors import AttnswapError
-from .base import Variant, VariantOptions
-from .registry import register
+from ...errors import AttnswapError
+from .. import Options, Prepared
+from . import register
+from .base import AttentionMethod
 
 
-class DexOptions(VariantOptions):
+class DexOptions(Options):
     heads: Literal["all"] | int | float | list[int] | dict[int, list[int]] = Field(
         "all", description="heads adapted per layer: all, a fraction (0.5) or count (3) chosen by `select` on "
                            "calibration text, a list of head indices, or {layer: [heads]}")
@@ -54,7 +55,7 @@ class DexOptions(VariantOptions):
 
 
 @register
-class Dex(Variant):
+class Dex(AttentionMethod):
     name = "dex"
     summary = "DEX: O - lambda * O W (norm kept) on selected heads, lambda annealed from 0; starts as the original"
     Options = DexOptions
@@ -75,9 +76,9 @@ class Dex(Variant):
 
     @classmethod
     def prepare(cls, model, options, layers, calibration=None):
-        from ..analysis import head_scores
-        from ..arch import adapter_for
-        from ..surgery import _base
+        from .analysis import head_scores
+        from ...arch import adapter_for
+        from ...surgery import base_model as _base
 
         config = _base(model).config
         h = adapter_for(config).geometry(config).num_heads
@@ -85,10 +86,10 @@ class Dex(Variant):
             if options.heads != "all":
                 raise AttnswapError("dex: select=all adapts every head; leave heads unset or choose "
                                     "select=redundancy or select=importance")
-            return options, {}
+            return Prepared(options)
         k = cls._count(options.heads, h)
         if k is None:
-            return options, {}
+            return Prepared(options)
         if calibration is None:
             raise AttnswapError(f"dex: heads={options.heads} with select={options.select} measures the heads on "
                                 "calibration text: pass --calibration FILE (API: calibration=attnswap.data."
@@ -100,18 +101,18 @@ class Dex(Variant):
                   for layer, s in scores.items()}
         record = {"select": options.select, "heads_per_layer": k, "calibration": calibration.describe(),
                   "scores": {str(layer): [round(float(v), 6) for v in s] for layer, s in scores.items()}}
-        return options.model_copy(update={"heads": chosen}), record
+        return Prepared(options.model_copy(update={"heads": chosen}), record)
 
     @classmethod
-    def describe(cls, section):
-        heads = section["options"]["heads"]
+    def describe(cls, entry, prepared):
+        heads = entry["options"]["heads"]
         lines = []
         if isinstance(heads, dict):
             ordered = sorted(heads.items(), key=lambda kv: int(kv[0]))
             lines.append("adapted heads (layer: heads): " + "; ".join(f"{k}: {v}" for k, v in ordered))
         else:
-            lines.append(f"adapted heads: {heads} in layers {section['layers']}")
-        prep = section.get("prepared")
+            lines.append(f"adapted heads: {heads} in layers {entry['layers']}")
+        prep = prepared
         if prep:
             c = prep["calibration"]
             lines.append(f"chosen by {prep['select']} ({prep['heads_per_layer']} per layer) on {c['tokens']} tokens "

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .errors import AttnswapError
-from .evaluate import protocol_windows
+from ...errors import AttnswapError
+from ...evaluate import protocol_windows
 from .members import member_count, per_member
 
 BINS = 10

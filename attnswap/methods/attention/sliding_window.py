@@ -9,11 +9,12 @@ import torch
 from pydantic import Field
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .base import Variant, VariantOptions
-from .registry import register
+from .. import Options
+from . import register
+from .base import AttentionMethod
 
 
-class SlidingWindowOptions(VariantOptions):
+class SlidingWindowOptions(Options):
     window: int = Field(256, ge=1, description="tokens each query sees around itself (itself included)")
     sinks: int = Field(4, ge=0, description="first tokens every query always sees (attention sinks)")
 
@@ -30,7 +31,7 @@ def band_mask(q_len: int, kv_len: int, window: int, sinks: int, causal: bool, de
 
 
 @register
-class SlidingWindow(Variant):
+class SlidingWindow(AttentionMethod):
     name = "sliding-window"
     summary = "exact softmax over a local window plus sink tokens (StreamingLLM)"
     Options = SlidingWindowOptions

@@ -1,0 +1,307 @@
+"""Plans: what a converted model carries. Per-layer attention methods with their options, an optional cache
+policy, an optional tuner; written as YAML (`attnswap convert SRC --plan plan.yaml`, or inside a recipe):
+
+    attention:                  # layers not listed keep the original attention
+      - {layers: 0-14, method: linear, options: {window: 64}}
+      - {layers: 15-29, method: mra, options: {block_budget: 0.5}}
+    cache: {policy: h2o, budget: 0.25, interval: 512}
+    tuner: {method: lora-ensemble, options: {members: 4}}
+
+`--to METHOD --set k=v --layers L` is the one-method shorthand (`shorthand`). A plan is validated as a whole
+(`resolve`) before anything runs. It is stored in config.json's `attnswap` section with a schema version
+(`section`); sections written by attnswap 0.1.0 (one "variant") read back as the equivalent plan (`stored`).
+
+Composition rule (docs/architecture.md): a cache policy prunes the KV cache of every layer whose attention
+reads one, i.e. layers that keep the original attention and layers whose method is `prunable` (it runs over
+the kept entries, in position order); layers whose method decodes from a state of its own (linear) keep it.
+A policy that would prune no layer, or runs without a budget on a converted layer, is an error.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import AttnswapError, first_validation_error
+
+SCHEMA = 2
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AttentionEntry(_Spec):
+    layers: str | int | list[int] = Field("all", description="layers, e.g. '0-14', '3,5' or 'all'")
+    method: str = Field(description="attention method (attnswap list)")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class CacheEntry(_Spec):
+    model_config = ConfigDict(extra="allow")  # `cache: {policy: h2o, budget: 0.25}`: the rest are options
+    policy: str = Field(description="cache policy (attnswap list)")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fold_extra(self):
+        extra = dict(self.__pydantic_extra__ or {})
+        if extra:
+            self.__pydantic_extra__.clear()
+            self.options = {**self.options, **extra}
+        return self
+
+
+class TunerEntry(_Spec):
+    method: str = Field(description="tuner (attnswap list)")
+    layers: str | int | list[int] = Field("all", description="layers whose projections it adapts")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PlanSpec(_Spec):
+    attention: list[AttentionEntry] = Field(default_factory=list)
+    cache: CacheEntry | None = None
+    tuner: TunerEntry | None = None
+
+
+@dataclass
+class Part:
+    """One resolved entry: the method class, its validated options and the layers it covers."""
+
+    cls: type
+    options: Any
+    layers: list[int]
+    prepared: dict = field(default_factory=dict)
+
+    def entry(self) -> dict:
+        key = "policy" if self.cls.kind == "cache" else "method"
+        return {key: self.cls.name, "layers": self.layers, "options": self.options.model_dump(mode="json")}
+
+
+@dataclass
+class Plan:
+    attention: list[Part]
+    cache: Part | None
+    tuner: Part | None
+
+    def parts(self) -> list[tuple[str, Part]]:
+        """(key in the section, part) for every part, attention entries first."""
+        out = [(f"attention.{i}", p) for i, p in enumerate(self.attention)]
+        return out + [(k, p) for k, p in (("cache", self.cache), ("tuner", self.tuner)) if p is not None]
+
+    def method_at(self, layer: int) -> Part | None:
+        return next((p for p in self.attention if layer in p.layers), None)
+
+    def to_dict(self) -> dict:
+        return {"attention": [p.entry() for p in self.attention],
+                "cache": self.cache.entry() if self.cache else None,
+                "tuner": self.tuner.entry() if self.tuner else None}
+
+
+def parse_layers(spec: str | int | list[int] | None, n_layers: int, what: str = "--layers") -> list[int]:
+    """'0-5,10' -> [0, 1, 2, 3, 4, 5, 10]; None or 'all' -> every layer."""
+    if spec is None or spec == "all":
+        return list(range(n_layers))
+    parts = [str(p) for p in spec] if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    layers: set[int] = set()
+    try:
+        for part in (p.strip() for p in parts if p.strip()):
+            lo, sep, hi = part.partition("-")
+            layers.update(range(int(lo), (int(hi) if sep else int(lo)) + 1))
+    except ValueError:
+        raise AttnswapError(f"bad {what} '{spec}': use numbers and ranges like '0-5,10'") from None
+    bad = sorted(i for i in layers if not 0 <= i < n_layers)
+    if bad or not layers:
+        raise AttnswapError(f"bad {what} '{spec}': the model has layers 0-{n_layers - 1}")
+    return sorted(layers)
+
+
+def shorthand(method: str, options: dict | None = None, layers=None) -> dict:
+    """`--to METHOD --set k=v --layers L` as a plan of one entry, in the kind METHOD belongs to."""
+    from .methods import find
+
+    cls = find(method)
+    options = dict(options or {})
+    if cls.kind == "attention":
+        return {"attention": [{"layers": "all" if layers is None else layers, "method": method, "options": options}]}
+    if cls.kind == "cache":
+        if layers is not None:
+            raise AttnswapError(f"--layers does not apply to cache policy '{method}' (it prunes every layer that "
+                                "reads a KV cache); write a plan to combine it with attention methods per layer")
+        return {"cache": {"policy": method, "options": options}}
+    return {"tuner": {"method": method, "layers": "all" if layers is None else layers, "options": options}}
+
+
+def read(path: str | os.PathLike) -> dict:
+    """A plan YAML file as a dict (one-line errors for a missing or malformed file)."""
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise AttnswapError(f"plan file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise AttnswapError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise AttnswapError(f"{path}: a plan is a mapping with 'attention', 'cache' and/or 'tuner'")
+    return data
+
+
+def spec(data: dict | PlanSpec) -> PlanSpec:
+    if isinstance(data, PlanSpec):
+        return data
+    try:
+        return PlanSpec(**data)
+    except ValidationError as e:
+        loc, msg, given = first_validation_error(e)
+        where = ".".join(str(p) for p in loc)
+        raise AttnswapError(f"bad plan at '{where}': {msg}") from None
+
+
+def resolve(data: dict | PlanSpec, adapter, n_layers: int) -> Plan:
+    """Validate a whole plan against an architecture: known methods of the right kind, layers in range and not
+    overlapping, options valid, every method and policy allowed here, the composition rule. No side effects."""
+    from .methods import kinds
+
+    s = spec(data)
+    registries = kinds()
+    if not s.attention and s.cache is None and s.tuner is None:
+        raise AttnswapError("the plan is empty: give attention entries, a cache policy or a tuner")
+    attention, owner = [], {}
+    for i, e in enumerate(s.attention):
+        cls = registries["attention"].get(e.method)
+        layers = parse_layers(e.layers, n_layers, f"layers of attention entry {i} ({e.method})")
+        for layer in layers:
+            if layer in owner:
+                raise AttnswapError(f"layer {layer} is in two attention entries ({owner[layer]} and {e.method}); "
+                                    "each layer runs one attention method")
+            owner[layer] = e.method
+        opts = cls.parse_options(e.options)
+        cls.check_supported(adapter, opts)
+        attention.append(Part(cls, opts, layers))
+    cache = None
+    if s.cache is not None:
+        cls = registries["cache"].get(s.cache.policy)
+        opts = cls.parse_options(s.cache.options)
+        cls.check_supported(adapter, opts)
+        cls.check_options(opts)
+        pruned = [i for i in range(n_layers) if i not in owner or _prunable(attention, i)]
+        if not pruned:
+            raise AttnswapError(f"cache policy '{cls.name}' would prune no layer: every layer runs an attention "
+                                f"method with a decoding state of its own ({', '.join(sorted(set(owner.values())))})")
+        converted = [i for i in pruned if i in owner and owner[i] != "none"]
+        if opts.budget is None and converted:
+            raise AttnswapError(f"cache policy '{cls.name}' without a budget keeps different counts per head; that "
+                                f"applies to layers with the original attention only, not to layers {converted[0]}.. "
+                                "converted by the plan: give a budget")
+        cache = Part(cls, opts, pruned)
+    tuner = None
+    if s.tuner is not None:
+        cls = registries["tuner"].get(s.tuner.method)
+        opts = cls.parse_options(s.tuner.options)
+        cls.check_supported(adapter, opts)
+        tuner = Part(cls, opts, parse_layers(s.tuner.layers, n_layers, f"layers of tuner {s.tuner.method}"))
+    return Plan(attention, cache, tuner)
+
+
+def _prunable(attention: list[Part], layer: int) -> bool:
+    part = next(p for p in attention if layer in p.layers)
+    return bool(part.cls.prunable)
+
+
+def section(plan: Plan, extra: dict) -> dict:
+    """The `attnswap` section of config.json: schema, the resolved plan, what was measured at conversion."""
+    prepared = {key: p.prepared for key, p in plan.parts() if p.prepared}
+    return {"schema": SCHEMA, "plan": plan.to_dict(), **({"prepared": prepared} if prepared else {}), **extra}
+
+
+def stored(sec: dict) -> tuple[dict, dict]:
+    """(plan dict, prepared records by part key) of a stored section, written by this version or by 0.1.0
+    (one "variant": an attention method, `memory` a cache policy, `lora-ensemble` a tuner)."""
+    if "schema" not in sec:
+        return _legacy(sec)
+    if sec["schema"] > SCHEMA:
+        raise AttnswapError(f"this checkpoint's plan has schema {sec['schema']}, newer than this attnswap reads "
+                            f"({SCHEMA}); upgrade attnswap")
+    plan = dict(sec["plan"])
+    if plan.get("cache"):
+        plan["cache"] = {k: v for k, v in plan["cache"].items() if k != "layers"}
+    return plan, dict(sec.get("prepared", {}))
+
+
+# 0.1.0's kinds-in-one variants: the legacy name, the kind it is now, and how its options map
+_LEGACY_CACHE_FIELDS = {"budget", "interval", "sinks", "window", "seed"}
+
+
+def _legacy(sec: dict) -> tuple[dict, dict]:
+    from .methods import kinds
+
+    name, options, prepared = sec["variant"], dict(sec["options"]), sec.get("prepared", {})
+    registries = kinds()
+    if name in registries["attention"].all():
+        return {"attention": [{"layers": sec["layers"], "method": name, "options": options}]}, (
+            {"attention.0": prepared} if prepared else {})
+    if name in registries["tuner"].all():
+        return {"tuner": {"method": name, "layers": sec["layers"], "options": options}}, (
+            {"tuner": prepared} if prepared else {})
+    policy = options.pop("scorer", None)
+    if policy in registries["cache"].all():  # 0.1.0's "memory" variant: a scorer with its options
+        fields = registries["cache"].get(policy).Options.model_fields
+        opts = {k: v for k, v in options.items() if k in fields and (k in _LEGACY_CACHE_FIELDS or v is not None)}
+        record = {"params_file": prepared["namm_params_file"]} if "namm_params_file" in prepared else {}
+        return {"cache": {"policy": policy, "options": opts}}, ({"cache": record} if record else {})
+    raise AttnswapError(f"this checkpoint was converted to '{name}', which this attnswap does not know")
+
+
+def legacy_tensor_prefix(sec: dict) -> str | None:
+    """0.1.0 kept every kind's tensors under `.attnswap.`; the submodule they load into now, or None."""
+    if "schema" in sec:
+        return None
+    plan, _ = _legacy(sec)
+    return "attnswap_cache" if "cache" in plan else "attnswap_tuner" if "tuner" in plan else None
+
+
+def describe(sec: dict) -> list[str]:
+    """Lines for `attnswap list SOURCE` and the model card."""
+    from .methods import kinds
+
+    plan, prepared = stored(sec)
+    registries = kinds()
+    lines = []
+    for i, e in enumerate(plan.get("attention") or []):
+        cls = registries["attention"].get(e["method"])
+        layers = e["layers"]
+        lines.append(f"attention {e['method']} on layers {compact(layers)}: {e['options']}")
+        lines += [f"  {x}" for x in cls.describe({**e, "layers": layers}, prepared.get(f"attention.{i}", {}))]
+    if plan.get("cache"):
+        c = plan["cache"]
+        cls = registries["cache"].get(c["policy"])
+        o = c["options"]
+        budget = "free (score <= 0 evicts)" if o.get("budget") is None else f"keeps {o['budget']} of the tokens seen"
+        where = sec.get("plan", {}).get("cache", {}).get("layers")
+        lines.append(f"cache policy {c['policy']}: {budget}, every {o.get('interval')} tokens"
+                     + (f", on layers {compact(where)}" if where is not None else "") + f"; {o}")
+        lines += [f"  {x}" for x in cls.describe(c, prepared.get("cache", {}))]
+    if plan.get("tuner"):
+        t = plan["tuner"]
+        cls = registries["tuner"].get(t["method"])
+        lines.append(f"tuner {t['method']} on layers {compact(t.get('layers', 'all'))}: {t['options']}")
+        lines += [f"  {x}" for x in cls.describe(t, prepared.get("tuner", {}))]
+    return lines
+
+
+def compact(layers) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    if not isinstance(layers, list):
+        return str(layers)
+    out, start = [], None
+    for i, x in enumerate(layers):
+        if start is None:
+            start = x
+        if i + 1 == len(layers) or layers[i + 1] != x + 1:
+            out.append(f"{start}-{x}" if x != start else str(x))
+            start = None
+    return ",".join(out)

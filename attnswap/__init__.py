@@ -2,11 +2,10 @@
 
     import attnswap
     model = attnswap.load_model("smollm2-135m")
-    attnswap.convert(model, "sliding-window", window=256, sinks=4)          # one method, every layer
-    attnswap.convert(other, {"attention": [{"layers": "0-9", "method": "linear"}],
-                             "cache": {"policy": "h2o", "budget": 0.25}})   # a plan
-    attnswap.save(model, "runs/smollm2-sw", tokenizer=attnswap.load_tokenizer("smollm2-135m"))
-    again = attnswap.load("runs/smollm2-sw")
+    attnswap.convert(model, method, window=256, sinks=4)   # one method (attnswap.list_methods()), every layer
+    attnswap.convert(other, plan)                           # a plan: a dict as in a plan YAML (attnswap.plan)
+    attnswap.save(model, "runs/converted", tokenizer=attnswap.load_tokenizer("smollm2-135m"))
+    again = attnswap.load("runs/converted")
 """
 __version__ = "0.1.0"
 

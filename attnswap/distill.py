@@ -72,7 +72,7 @@ def distill(model, tokenizer, cfg: DistillConfig, out: str | Path | None = None,
     attn_modules = {path: model.get_submodule(path) for path in variants}
     params = {path: v.trainable_parameters() for path, v in variants.items()}
     if not any(params.values()):
-        names = sorted({type(v).name for v in variants.values()}) or ["none"]
+        names = sorted({type(v).name for v in variants.values()}) or ["no attention methods"]
         raise AttnswapError(f"the plan's attention methods ({', '.join(names)}) have no parameters to distill; go "
                             "straight to finetune")
     torch.manual_seed(cfg.seed)

@@ -188,11 +188,11 @@ def resolve(data: dict | PlanSpec, adapter, n_layers: int) -> Plan:
         opts = cls.parse_options(s.cache.options)
         cls.check_supported(adapter, opts)
         cls.check_options(opts)
-        pruned = [i for i in range(n_layers) if i not in owner or _prunable(attention, i)]
+        pruned = [i for i in range(n_layers) if i not in owner or _part(attention, i).cls.prunable]
         if not pruned:
             raise AttnswapError(f"cache policy '{cls.name}' would prune no layer: every layer runs an attention "
                                 f"method with a decoding state of its own ({', '.join(sorted(set(owner.values())))})")
-        converted = [i for i in pruned if i in owner and owner[i] != "none"]
+        converted = [i for i in pruned if i in owner and not _part(attention, i).cls.exact]
         if opts.budget is None and converted:
             raise AttnswapError(f"cache policy '{cls.name}' without a budget keeps different counts per head; that "
                                 f"applies to layers with the original attention only, not to layers {converted[0]}.. "
@@ -207,9 +207,8 @@ def resolve(data: dict | PlanSpec, adapter, n_layers: int) -> Plan:
     return Plan(attention, cache, tuner)
 
 
-def _prunable(attention: list[Part], layer: int) -> bool:
-    part = next(p for p in attention if layer in p.layers)
-    return bool(part.cls.prunable)
+def _part(attention: list[Part], layer: int) -> Part:
+    return next(p for p in attention if layer in p.layers)
 
 
 def section(plan: Plan, extra: dict) -> dict:

@@ -145,7 +145,7 @@ def _run_steps(recipe: Recipe, recipe_text: str, out: Path, stage: Path, *, prog
     from .distill import distill
     from .methods.cache.evolve import evolvable_policy, evolve
     from .models import load_model, load_tokenizer
-    from .surgery import convert, with_cache_policy
+    from .surgery import convert, plan_of, with_cache_policy
     from .train import finetune
 
     (stage / "recipe.yaml").write_text(recipe_text)
@@ -162,8 +162,8 @@ def _run_steps(recipe: Recipe, recipe_text: str, out: Path, stage: Path, *, prog
     if recipe.evolve:
         ev = recipe.evolve
         log(f"[evolve] {ev.generations} generations of {ev.population} on {ev.data}")
-        if ev.policy is not None or ev.policy_options():
-            with_cache_policy(model, ev.policy, ev.policy_options())
+        before = (plan_of(model) or ({}, {}))[0].get("cache")
+        with_cache_policy(model, ev.policy, ev.policy_options())  # the evolve step's budget, while it runs
         results["evolve"] = evolve(model, tokenizer, task=ev.task, data=ev.data, out=stage / "evolve",
                                    generations=ev.generations, population=ev.population, sigma=ev.sigma,
                                    seed=ev.seed, task_kw=ev.task_kw(), init=ev.init, progress=progress)
@@ -171,6 +171,8 @@ def _run_steps(recipe: Recipe, recipe_text: str, out: Path, stage: Path, *, prog
         best = type(policies[0]).load_params(results["evolve"]["params"])
         for p in policies:
             getattr(p, buffer).copy_(best)  # the best vector, not the last candidate tried
+        if before and before["policy"] == type(policies[0]).name:  # later steps run the plan's own options
+            with_cache_policy(model, None, before["options"])
         done = save(model, stage / "evolved", tokenizer=tokenizer, files=files)
 
     if recipe.distill:

@@ -42,7 +42,7 @@ def convert(model: nn.Module, what: str | dict | plans.PlanSpec, layers: str | l
     """Apply a plan to `model` in place; returns the model.
 
     `what` is a plan (a dict as in a plan YAML, or a `PlanSpec`) or one method's name, with `layers` and
-    `options` the shorthand (`convert(model, "mra", layers="0-9", block_budget=0.5)`). The original
+    `options` the shorthand (`convert(model, name, layers="0-9", **options)`). The original
     projections stay where they were; `revert` undoes it. `calibration` (`attnswap.data.calibration(...)`) is
     text for methods that measure the original model first (dex's head selection); what they measured is
     stored in the plan's options.

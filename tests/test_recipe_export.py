@@ -25,7 +25,7 @@ def test_every_shipped_recipe_validates(path, tmp_path, monkeypatch):
 def test_tiny_recipe_end_to_end(tiny_dirs, tmp_path, capsys):
     recipe = {
         "model": str(tiny_dirs["llama"]),
-        "convert": {"variant": "sliding-window", "options": {"window": 16, "sinks": 2}, "layers": "0-1"},
+        "convert": {"to": "sliding-window", "options": {"window": 16, "sinks": 2}, "layers": "0-1"},
         "finetune": {"data": str(WIKI_TRAIN), "steps": 4, "seq_len": 32, "lr": 1e-2, "save_every": 2},
         "eval": {"data": str(WIKI_TEST), "max_tokens": 600, "seq_len": 64},
         "export": {"merge_lora": True, "dtype": "fp32"},
@@ -86,3 +86,29 @@ def test_export_failure_leaves_nothing(tiny_dirs, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         export(tiny_dirs["llama"], tmp_path / "exp")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_command_is_a_recipe_step(tiny_dirs, tmp_path, capsys):
+    """An inline plan (linear on layer 0, namm pruning the rest), evolve, eval memory, eval calibration,
+    generate and export in one recipe: each step is its command's typed config."""
+    recipe = {
+        "model": str(tiny_dirs["llama"]),
+        "convert": {"plan": {"attention": [{"layers": 0, "method": "linear", "options": {"window": 8}}],
+                             "cache": {"policy": "namm", "budget": 0.5, "interval": 16}}},
+        "evolve": {"data": str(WIKI_TEST), "generations": 1, "population": 2, "context": 96, "score_from": 48},
+        "eval_memory": {"data": str(WIKI_TEST), "tasks": ["ppl"], "context": 96, "score_from": 48},
+        "eval_calibration": {"data": str(WIKI_TEST), "max_tokens": 256, "seq_len": 64, "plot": "rel.png"},
+        "generate": {"prompt": "The history of", "max_new_tokens": 6},
+        "export": {"dtype": "fp32"},
+    }
+    path = tmp_path / "all.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["eval_memory"]["ppl"]["pruned_layers"] == 1 and r["eval_memory"]["ppl"]["kept_fraction"] == 0.5
+    assert r["eval_calibration"]["tokens"] == 4 * 63 and (tmp_path / "run" / "rel.png").is_file()
+    assert r["generate"]["new_tokens"] == 6
+    best = attnswap.methods.kinds()["cache"].get("namm").load_params(tmp_path / "run" / "evolve" / "namm.safetensors")
+    final = attnswap.load(tmp_path / "run" / "final")
+    theta = [m.namm_params for m in attnswap.surgery.method_modules(final, "cache").values()]
+    assert len(theta) == 1 and torch.equal(theta[0], best)  # the evolved vector travels to the export

@@ -41,7 +41,7 @@ class Method:
         fields = cls.Options.model_fields
         for key in values:
             if key not in fields:
-                names = ", ".join(fields) or "none"
+                names = ", ".join(fields) or "(it has none)"
                 raise AttnswapError(f"unknown option '{key}' for {cls.kind} method '{cls.name}'"
                                     f"{did_you_mean(key, fields)}; options: {names}")
         try:

@@ -27,6 +27,9 @@ class AttentionMethod(Method, nn.Module):
     # cache: the method then runs over the kept entries, in position order); False for a method with a
     # decoding state of its own (`make_cache_layer`), which no cache policy touches
     prunable: ClassVar[bool] = True
+    # True for a method that computes exactly the original attention (a cache policy then treats the layer as
+    # an original one: it may run without a budget there)
+    exact: ClassVar[bool] = False
 
     def __init__(self, options: Options, site: Site, geometry: Geometry, adapter: ArchAdapter):
         super().__init__()

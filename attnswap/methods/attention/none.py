@@ -14,6 +14,7 @@ from .base import AttentionMethod
 class NoChange(AttentionMethod):
     name = "none"
     summary = "the original softmax attention (SDPA), written into a plan to keep layers exact"
+    exact = True
 
     def forward(self, module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

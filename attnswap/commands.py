@@ -4,7 +4,6 @@ results; the CLI only parses options and prints that dict, a recipe only calls t
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from . import outputs
 from .config import (CalibrationConfig, ConvertConfig, DistillConfig, EvalConfig, EvolveConfig, ExportConfig,

@@ -54,7 +54,7 @@ def _median_ms(fn, reps):
 
 def measure(kind: str, n: int, model_name: str, seq_len: int, reps: int) -> dict:
     import attnswap
-    from attnswap.surgery import all_method_modules, method_modules
+    from attnswap.surgery import all_method_modules
 
     tok = attnswap.load_tokenizer(model_name)  # noqa: F841  (imports the same libraries the model needs)
     baseline = _current_rss_mib()  # the runtime (python, torch, transformers) before any weights

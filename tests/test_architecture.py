@@ -45,3 +45,13 @@ def test_no_hidden_channels(pattern):
 def test_cma_es_comes_from_the_library():
     source = (PACKAGE / "methods" / "cache" / "cmaes.py").read_text()
     assert "from cmaes import CMA" in source and "def _update" not in source and "eigh" not in source
+
+
+@pytest.mark.parametrize("kind, name, cls", METHODS, ids=[f"{k}:{n}" for k, n, _ in METHODS])
+def test_every_method_has_a_readme_row_and_a_docs_page(kind, name, cls):
+    root = PACKAGE.parent
+    rows = [line for line in (root / "README.md").read_text().splitlines() if line.startswith("| [") and
+            f"`{name}`" in line]
+    assert rows, f"README has no row for {name}"
+    pages = [p for p in (root / "docs" / "methods").glob("*.md") if f"`{name}`" in p.read_text()]
+    assert pages, f"no page in docs/methods mentions {name}"

@@ -19,7 +19,7 @@ conversion starts as the original and the ramp can run ahead of training without
 nonlinear, where a bare linear O (I - lambda W) could be folded into the o-projection (it would be a block
 update of W_o, nothing a LoRA on o could not learn). Without it (keep_norm=false) W = I is a common-mode
 cancellation O (1 - lambda): measured on SmolLM2, ramping lambda to 0.5 over 3 steps lifted the perplexity
-from 34.8 to 191 (docs/variants/dex.md).
+from 34.8 to 191 (docs/methods/dex.md).
 ramp is a buffer saved with the model: 0 at conversion, advanced by `finetune` before every step through
 `on_train_step`, 1 after `anneal_steps`; it scales how far a trained W can move the output.
 

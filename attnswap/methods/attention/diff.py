@@ -12,7 +12,7 @@ holds whole RoPE rotation pairs (dims i and i + D/2 rotate together, so half 1 =
 pairs i >= D/4). Then q1.k1 + q2.k2 = q.k, each half still depends on relative position only, and the first
 softmax sees half of every pretrained score. This is not the original attention (a different function, not a
 reparametrisation): the converted model starts worse and needs fine-tuning; its starting perplexity is in
-docs/variants/diff.md. New parameters: lq1, lk1, lq2, lk2 ([D/2] each, N(0, 0.1) as in the reference code) and
+docs/methods/diff.md. New parameters: lq1, lk1, lq2, lk2 ([D/2] each, N(0, 0.1) as in the reference code) and
 the norm weight ([D], ones) per layer. Layers are numbered from 1 in lambda_init.
 """
 import math

@@ -181,7 +181,9 @@ def list_cmd(source: Optional[str] = typer.Argument(None, help="a model: show it
     if source is not None:
         r = commands.describe_model(source)
         human = (f"{source}: not converted (original attention)" if r["plan"] is None else
-                 "\n".join([f"{source}: plan (schema {r['schema']}; layers not named keep the original attention)",
+                 "\n".join([f"{source}: plan (schema {r['schema']}" + (", written by attnswap 0.1.0" if r["schema"] == 1
+                                                                         else "") +
+                            "; layers not named keep the original attention)",
                             *[f"  {x}" for x in r["describe"]]]))
         return _emit(r, as_json, human)
     methods = commands.list_methods()

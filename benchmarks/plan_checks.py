@@ -65,7 +65,9 @@ def main():
 
     def memory(group, label, what, readme=None, context=2048, score_from=1024, documents=4, interval=256, **options):
         attnswap.revert(model)
-        if what is not None:
+        if isinstance(what, str):
+            attnswap.convert(model, what, interval=interval, **options)
+        elif what is not None:
             attnswap.convert(model, what, **options)
         t0 = time.perf_counter()
         r = long_context_perplexity(model, tok, DATA, context=context, score_from=score_from, documents=documents,

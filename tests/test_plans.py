@@ -76,6 +76,16 @@ def test_a_policy_prunes_only_the_layers_that_read_a_kv_cache(four_layers, tmp_p
     assert again.config.attnswap["plan"] == model.config.attnswap["plan"]
 
 
+def test_a_hybrid_decodes_through_its_caches_as_its_parallel_form(four_layers):
+    """linear on 0-1 (its constant-size state), the original attention on 2-3 (a growing KV cache)."""
+    model = attnswap.load_model(four_layers)
+    attnswap.convert(model, {"attention": [{"layers": "0-1", "method": "linear", "options": {"window": 8}}]})
+    ids = sample_ids(model.config.vocab_size, batch=1, length=70)
+    got, cache = chunked(model, ids, 16)
+    assert [type(layer).__name__ for layer in cache.layers] == ["LinearStateLayer"] * 2 + ["DynamicLayer"] * 2
+    assert (got - outputs(model, ids)).abs().max() <= 1e-4
+
+
 def test_eval_memory_reports_the_pruned_layers(four_layers, tmp_path, capsys):
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump({"attention": [{"layers": "0-1", "method": "linear"}],

@@ -298,8 +298,10 @@ class LinearStateLayer(CacheLayerMixin):
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        kept = 0 if self.sink_k is None else self.sink_k.shape[2] + self.win_k.shape[2]
-        return kept + query_length, 0
+        # `attend` builds no mask from transformers' (it knows its pieces' positions); the mask transformers
+        # builds from the first layer's sizes is then the right one for layers of a hybrid plan that keep a
+        # full KV cache: as long as every token seen
+        return self.seen + query_length, 0
 
     def get_max_length(self) -> int:
         return -1

@@ -21,9 +21,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import AttnswapError, first_validation_error
 
@@ -34,8 +34,36 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class AutoLayers(_Spec):
+    """`layers: {auto: loss, count: 22}`: the layers chosen by measurement (methods/attention/selection.py)."""
+
+    auto: Literal["loss", "output-error", "kl-restore", "evenly"] = Field(description="the selection criterion")
+    count: int | None = Field(None, ge=1, description="layers to convert")
+    fraction: float | None = Field(None, gt=0, le=1, description="fraction of the candidate layers to convert")
+    within: str | list[int] | None = Field(None, description="candidate layers (default: every layer no other "
+                                                             "attention entry names)")
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.count is None) == (self.fraction is None):
+            raise ValueError("give exactly one of count and fraction")
+        return self
+
+
 class AttentionEntry(_Spec):
-    layers: str | int | list[int] = Field("all", description="layers, e.g. '0-14', '3,5' or 'all'")
+    layers: str | int | list[int] | AutoLayers = Field("all", description="layers, e.g. '0-14', '3,5', 'all', or "
+                                                                           "{auto: CRITERION, count: N}")
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _auto(cls, v):
+        if isinstance(v, dict):  # one error about the selection, not one per union member
+            try:
+                return AutoLayers(**v)
+            except ValidationError as e:
+                loc, msg, _ = first_validation_error(e)
+                raise ValueError(f"{'.'.join(str(p) for p in loc) + ': ' if loc else ''}{msg}") from None
+        return v
     method: str = Field(description="attention method (attnswap list)")
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -74,6 +102,8 @@ class Part:
     options: Any
     layers: list[int]
     prepared: dict = field(default_factory=dict)
+    auto: dict | None = None  # `layers: {auto: ...}`: `layers` are the candidates until the selection runs
+    target: int = 0  # how many of them to convert
 
     def entry(self) -> dict:
         key = "policy" if self.cls.kind == "cache" else "method"
@@ -170,10 +200,24 @@ def resolve(data: dict | PlanSpec, adapter, n_layers: int) -> Plan:
     registries = kinds()
     if not s.attention and s.cache is None and s.tuner is None:
         raise AttnswapError("the plan is empty: give attention entries, a cache policy or a tuner")
-    attention, owner = [], {}
-    for i, e in enumerate(s.attention):
+    attention, owner = [None] * len(s.attention), {}
+    autos = [i for i, e in enumerate(s.attention) if isinstance(e.layers, AutoLayers)]
+    if len(autos) > 1:
+        raise AttnswapError("one attention entry per plan may choose its layers by measurement (layers: auto)")
+    for i in sorted(range(len(s.attention)), key=lambda i: i in autos):  # explicit entries first
+        e = s.attention[i]
         cls = registries["attention"].get(e.method)
-        layers = parse_layers(e.layers, n_layers, f"layers of attention entry {i} ({e.method})")
+        where = f"layers of attention entry {i} ({e.method})"
+        auto, target = None, 0
+        if isinstance(e.layers, AutoLayers):
+            auto = e.layers.model_dump()
+            pool = parse_layers(e.layers.within, n_layers, where + " within")
+            layers = [x for x in pool if x not in owner]
+            target = e.layers.count if e.layers.count is not None else round(e.layers.fraction * len(layers))
+            if not 1 <= target <= len(layers):
+                raise AttnswapError(f"{where}: cannot convert {target} of the {len(layers)} candidate layers")
+        else:
+            layers = parse_layers(e.layers, n_layers, where)
         for layer in layers:
             if layer in owner:
                 raise AttnswapError(f"layer {layer} is in two attention entries ({owner[layer]} and {e.method}); "
@@ -181,7 +225,7 @@ def resolve(data: dict | PlanSpec, adapter, n_layers: int) -> Plan:
             owner[layer] = e.method
         opts = cls.parse_options(e.options)
         cls.check_supported(adapter, opts)
-        attention.append(Part(cls, opts, layers))
+        attention[i] = Part(cls, opts, layers, auto=auto, target=target)
     cache = None
     if s.cache is not None:
         cls = registries["cache"].get(s.cache.policy)
@@ -274,7 +318,17 @@ def describe(sec: dict) -> list[str]:
         cls = registries["attention"].get(e["method"])
         layers = e["layers"]
         lines.append(f"attention {e['method']} on layers {compact(layers)}: {e['options']}")
-        lines += [f"  {x}" for x in cls.describe({**e, "layers": layers}, prepared.get(f"attention.{i}", {}))]
+        record = prepared.get(f"attention.{i}", {})
+        if "selection" in record:
+            sel = record["selection"]
+            how = f"layers chosen by {sel['criterion']}: converted {compact(sel['converted'])}, kept exact " \
+                  f"{compact(sel['kept_exact']) or 'none'}"
+            if "scores" in sel:
+                c = sel["calibration"]
+                how += f" (scores on {c['tokens']} tokens of {c['data']}, seed {c['seed']}: " + ", ".join(
+                    f"{k}: {v:.4g}" for k, v in sel["scores"].items()) + ")"
+            lines.append(f"  {how}")
+        lines += [f"  {x}" for x in cls.describe({**e, "layers": layers}, record)]
     if plan.get("cache"):
         c = plan["cache"]
         cls = registries["cache"].get(c["policy"])

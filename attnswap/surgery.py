@@ -61,11 +61,22 @@ def convert(model: nn.Module, what: str | dict | plans.PlanSpec, layers: str | l
     if not sites:
         raise AttnswapError(f"found no attention layers in this {adapter.name} model")
     plan = plans.resolve(spec, adapter, len(sites))
-    # every measurement runs on the original model, before anything is attached
+    # every measurement runs on the original model, before anything is attached: first the layer selection
+    # (layers: auto), then the plan with the chosen layers written out, validated again, then each part's own
+    selected = {}
+    for i, part in enumerate(plan.attention):
+        if part.auto is not None:
+            from .methods.attention.selection import select
+
+            chosen, selected[f"attention.{i}"] = select(model, part, calibration)
+            explicit = plans.spec(spec).model_dump()
+            explicit["attention"][i]["layers"] = chosen
+            plan = plans.resolve(explicit, adapter, len(sites))
     buffers = {}
     for key, part in plan.parts():
         prepared = part.cls.prepare(model, part.options, part.layers, calibration)
-        part.options, part.prepared, buffers[key] = prepared.options, prepared.record, prepared.buffers
+        part.options, buffers[key] = prepared.options, prepared.buffers
+        part.prepared = {**prepared.record, **({"selection": selected[key]} if key in selected else {})}
     attach(base, plan, adapter, sites, buffers)
     base.config.attnswap = plans.section(plan, {"swapped": [s.path for s in sites], "versions": _versions()})
     return model

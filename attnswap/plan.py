@@ -322,7 +322,7 @@ def describe(sec: dict) -> list[str]:
         if "selection" in record:
             sel = record["selection"]
             how = f"layers chosen by {sel['criterion']}: converted {compact(sel['converted'])}, kept exact " \
-                  f"{compact(sel['kept_exact']) or 'none'}"
+                  f"{compact(sel['kept_exact']) or '(no layer)'}"
             if "scores" in sel:
                 c = sel["calibration"]
                 how += f" (scores on {c['tokens']} tokens of {c['data']}, seed {c['seed']}: " + ", ".join(

@@ -76,13 +76,12 @@ def _safetensors_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.safetensors"))
 
 
-OWN = (".attnswap.", ".attnswap_cache.", ".attnswap_tuner.")
-
-
 def load_method_tensors(model: nn.Module, directory: Path, legacy_prefix: str | None = None) -> None:
     """Load the tensors the plan's methods own (`...attnswap.*`, `...attnswap_cache.*`, `...attnswap_tuner.*`),
     which the base class does not know about. `legacy_prefix`: a 0.1.0 checkpoint keeps them all under
     `.attnswap.`; they load into that submodule instead (`plan.legacy_tensor_prefix`)."""
+    from .surgery import OWN
+
     wanted = {k: v for k, v in model.state_dict().items() if any(o in k for o in OWN)}
     if not wanted:
         return

@@ -112,6 +112,9 @@ def command(group: typer.Typer, name: str, cfg_cls, *, extra: list[tuple[str, An
 
         def wrapper(**kw):
             cfg_values = _values(cfg_cls, {k: kw.pop(k) for k in list(kw) if k in names})
+            sets = kw.pop("sets", None)
+            if sets:  # --set key=value: the options of the method or policy the command names
+                cfg_values["options"] = parse_sets(sets)
             return fn(cfg_values, **kw)
 
         wrapper.__signature__ = inspect.Signature(params)
@@ -204,10 +207,8 @@ def list_cmd(source: Optional[str] = typer.Argument(None, help="a model: show it
 
 
 @command(app, "convert", ConvertConfig, extra=[SETS, OUT, FORCE, JSON])
-def convert(values, source, sets, out, force, as_json):
+def convert(values, source, out, force, as_json):
     """Apply a plan (or one method: --to) to SOURCE and write a loadable checkpoint directory."""
-    if sets:
-        values["options"] = parse_sets(sets)
     cfg = build(ConvertConfig, **values)
     r = commands.convert(source, cfg, _path(out), force=force)
     _emit(r, as_json, "\n".join([f"converted {source} ({r['new_parameters']} new parameters) -> {r['out']}",
@@ -246,11 +247,9 @@ def _kept(r: dict) -> str:
 
 
 @command(eval_app, "memory", MemoryEvalConfig, extra=[SETS, JSON])
-def eval_memory(values, source, sets, as_json):
+def eval_memory(values, source, as_json):
     """Perplexity and passkey retrieval under the model's cache policy (or --policy; none: the full cache);
     kept fraction and peak cache bytes."""
-    if sets:
-        values["options"] = parse_sets(sets)
     cfg = build(MemoryEvalConfig, **values)
     r = commands.eval_memory(source, cfg)
     lines = []
@@ -269,11 +268,9 @@ def eval_memory(values, source, sets, as_json):
 @command(app, "evolve", EvolveConfig, extra=[SETS, ("out", str, _opt("--out", "run directory (evolve.json, the best "
                                                                       "parameters)", ...)),
                                              _resume("continue the interrupted (or finished) run of OUT"), FORCE, JSON])
-def evolve(values, source, sets, out, resume, force, as_json):
+def evolve(values, source, out, resume, force, as_json):
     """Evolve a cache policy's parameters (namm's network) with CMA-ES on a memory task (checkpoint every
     generation)."""
-    if sets:
-        values["options"] = parse_sets(sets)
     cfg = build(EvolveConfig, **values)
     r = commands.evolve(source, cfg, _path(out), resume=resume, force=force)
     _emit(r, as_json, f"evolved {r['generations']} generations ({r['evaluations']} evaluations): best "

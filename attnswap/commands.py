@@ -133,7 +133,7 @@ def eval_memory(source: str, cfg: MemoryEvalConfig) -> dict:
     _check_cache(source, cfg, longest, flag)
     model = load_model(source, merge_lora=True)
     chunk = None
-    if cfg.policy is None and not (plan_of(model) or ({}, {}))[0].get("cache"):
+    if cfg.policy is None and not plan_of(model)[0].get("cache"):
         if cfg.budget is not None or cfg.options:
             raise AttnswapError(f"{source} has no cache policy: give --policy (see 'attnswap list') with --budget "
                                 "or --set, or leave them out to measure the full cache")
@@ -141,7 +141,7 @@ def eval_memory(source: str, cfg: MemoryEvalConfig) -> dict:
     else:
         with_cache_policy(model, cfg.policy, cfg.policy_options())
     tok = load_tokenizer(source)
-    plan = (plan_of(model) or ({}, {}))[0]
+    plan = plan_of(model)[0]
     result = {"source": source, "cache": plan.get("cache")}
     if "ppl" in cfg.tasks:
         r = long_context_perplexity(model, tok, cfg.data, context=cfg.context, score_from=cfg.score_from,
@@ -159,7 +159,7 @@ def evolve(source: str, cfg: EvolveConfig, out: str, *, resume: bool = False, fo
     from .methods import kinds
     from .methods.cache.evolve import evolve as do_evolve
     from .models import load_model, load_tokenizer
-    from .surgery import plan_of, with_cache_policy
+    from .surgery import with_cache_policy
 
     if cfg.init is not None and not outputs.user_path(cfg.init).is_file():
         raise AttnswapError(f"--init file not found: {cfg.init}")
@@ -174,8 +174,7 @@ def evolve(source: str, cfg: EvolveConfig, out: str, *, resume: bool = False, fo
             raise AttnswapError(f"give --policy: the cache policies with parameters to evolve are {evolvable}")
     with outputs.claim(out, force=force or resume, protect=guards):
         model = load_model(source, merge_lora=True)
-        current = ((plan_of(model) or ({}, {}))[0].get("cache") or {}).get("policy")
-        with_cache_policy(model, policy, cfg.policy_options(), keep_buffers=current == policy)
+        with_cache_policy(model, policy, cfg.policy_options())
         return do_evolve(model, load_tokenizer(source), task=cfg.task, data=cfg.data, out=out,
                          generations=cfg.generations, population=cfg.population, sigma=cfg.sigma, seed=cfg.seed,
                          resume=resume, force=force, task_kw=cfg.task_kw(), init=cfg.init, protect=guards)

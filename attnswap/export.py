@@ -113,7 +113,7 @@ def _export(source, out, *, merge_lora, dtype, force, member, keep_fp32, guards)
         from .methods.tuners.members import extract_member, member_count
         from .surgery import plan_of
 
-        tuner = (plan_of(model) or ({}, {}))[0].get("tuner") or {}  # extract_member removes the plan
+        tuner = plan_of(model)[0].get("tuner") or {}  # extract_member removes the plan
         n = member_count(model)
         model = extract_member(model, member)
         origin = (f"Member {member} of {n} of the `{tuner.get('method')}` model `{source}` "

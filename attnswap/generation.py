@@ -13,8 +13,6 @@ from .surgery import base_model, method_modules
 def make_cache(model) -> Cache:
     """One cache layer per attention layer: the attention method's own where it has one, else the cache
     policy's pruned cache where the plan has one for the layer, else a growing KV layer."""
-    from .methods.cache.pruned import PrunedLayer
-
     base = base_model(model)
     adapter = adapter_for(base.config)
     methods, policies = method_modules(base, "attention"), method_modules(base, "cache")
@@ -23,7 +21,7 @@ def make_cache(model) -> Cache:
         method, policy = methods.get(site.path), policies.get(site.path)
         layer = method.make_cache_layer() if method is not None else None
         if layer is None and policy is not None:
-            layer = PrunedLayer(policy)
+            layer = policy.make_cache_layer()
         layers.append(layer if layer is not None else DynamicLayer())
     return Cache(layers=layers)
 

@@ -303,8 +303,10 @@ def legacy_tensor_prefix(sec: dict) -> str | None:
     """0.1.0 kept every kind's tensors under `.attnswap.`; the submodule they load into now, or None."""
     if "schema" in sec:
         return None
+    from .methods import ATTRS
+
     plan, _ = _legacy(sec)
-    return "attnswap_cache" if "cache" in plan else "attnswap_tuner" if "tuner" in plan else None
+    return ATTRS["cache"] if "cache" in plan else ATTRS["tuner"] if "tuner" in plan else None
 
 
 def describe(sec: dict) -> list[str]:

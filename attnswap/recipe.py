@@ -162,7 +162,7 @@ def _run_steps(recipe: Recipe, recipe_text: str, out: Path, stage: Path, *, prog
     if recipe.evolve:
         ev = recipe.evolve
         log(f"[evolve] {ev.generations} generations of {ev.population} on {ev.data}")
-        before = (plan_of(model) or ({}, {}))[0].get("cache")
+        before = plan_of(model)[0].get("cache")
         with_cache_policy(model, ev.policy, ev.policy_options())  # the evolve step's budget, while it runs
         results["evolve"] = evolve(model, tokenizer, task=ev.task, data=ev.data, out=stage / "evolve",
                                    generations=ev.generations, population=ev.population, sigma=ev.sigma,

@@ -17,9 +17,11 @@ from . import plan as plans
 from .arch import adapter_for
 from .attention import IMPLEMENTATION, cache_hook, ensure_registered
 from .errors import AttnswapError
+from .methods import ATTRS
 from .plan import parse_layers  # noqa: F401  (public: attnswap.surgery.parse_layers)
 
-ATTRS = {"attention": "attnswap", "cache": "attnswap_cache", "tuner": "attnswap_tuner"}
+
+OWN = tuple(f".{a}." for a in ATTRS.values())  # state-dict keys of the plan's own tensors contain one of these
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -123,22 +125,20 @@ def attach(base: nn.Module, plan: plans.Plan, adapter, sites, buffers: dict | No
     base.set_attn_implementation(ensure_registered())
 
 
-def plan_of(model: nn.Module) -> tuple[dict, dict] | None:
-    """(plan dict, prepared records) of a converted model, None for an original one."""
+def plan_of(model: nn.Module) -> tuple[dict, dict]:
+    """(plan dict, prepared records) of a converted model; ({}, {}) for an original one."""
     sec = getattr(base_model(model).config, "attnswap", None)
-    return plans.stored(sec) if sec else None
+    return plans.stored(sec) if sec else ({}, {})
 
 
-def with_cache_policy(model: nn.Module, policy: str | None, options: dict, *, keep_buffers: bool = True) -> nn.Module:
+def with_cache_policy(model: nn.Module, policy: str | None, options: dict) -> nn.Module:
     """The model's plan with its cache policy replaced (or added): `policy` (None: the plan's own) with
     `options` over the plan's. The methods' trained tensors are kept, and the policy's buffers (evolved
-    parameters) too when the policy stays the same, `keep_buffers` is set and no `params` file is given."""
+    parameters) too when the policy stays the same and no `params` file is given."""
     import torch
 
-    from .checkpoint import OWN
-
     base = base_model(model)
-    spec, _ = plan_of(base) or ({}, {})
+    spec, _ = plan_of(base)
     spec = {k: v for k, v in spec.items() if v}
     old = spec.get("cache") or {}
     name = policy or old.get("policy")
@@ -146,9 +146,9 @@ def with_cache_policy(model: nn.Module, policy: str | None, options: dict, *, ke
         raise AttnswapError("this model has no cache policy; give --policy (see 'attnswap list')")
     same = name == old.get("policy")
     spec["cache"] = {"policy": name, "options": {**(old.get("options", {}) if same else {}), **options}}
-    keep = keep_buffers and same and not options.get("params")
+    keep = same and not options.get("params")
     state = {k: v.clone() for k, v in base.state_dict().items()
-             if any(o in k for o in OWN) and (keep or ".attnswap_cache." not in k)}
+             if any(o in k for o in OWN) and (keep or f".{ATTRS['cache']}." not in k)}
     versions = base.config.attnswap.get("versions") if getattr(base.config, "attnswap", None) else None
     revert(base)
     convert(base, spec)

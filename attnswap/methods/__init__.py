@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ..errors import AttnswapError, did_you_mean, first_validation_error
 
 
+# the attribute of an attention module that holds each kind's instance (and so its state-dict prefix)
+ATTRS = {"attention": "attnswap", "cache": "attnswap_cache", "tuner": "attnswap_tuner"}
+
+
 class Options(BaseModel):
     """Options of a method. Subclasses declare fields with `Field(description=...)`: that text is the help."""
 

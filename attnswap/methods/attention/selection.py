@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ...errors import AttnswapError
@@ -34,13 +33,12 @@ CRITERIA = ("loss", "output-error", "kl-restore", "evenly")
 @contextlib.contextmanager
 def _attached(model, cls, options, sites, adapter, seed: int):
     """The method on every site in `sites`, all bypassed (the original model) on entry."""
-    from ... import attention
     from ...surgery import base_model
+    from .analysis import _through_attnswap
 
     base = base_model(model)
     geometry = adapter.geometry(base.config)
     ref = next(base.parameters())
-    previous = base.config._attn_implementation
     torch.manual_seed(seed)
     methods = {}
     for site in sites:
@@ -48,14 +46,12 @@ def _attached(model, cls, options, sites, adapter, seed: int):
         m.bypass = True
         site.module.attnswap = m
         methods[site.index] = m
-    base.set_attn_implementation(attention.ensure_registered())
     try:
-        yield methods
+        with _through_attnswap(model):
+            yield methods
     finally:
         for site in sites:
             del site.module.attnswap
-        if previous != attention.IMPLEMENTATION:
-            base.set_attn_implementation(previous)
 
 
 def _active(methods: dict, on: set[int]) -> None:

@@ -47,6 +47,12 @@ class CachePolicy(Method, nn.Module):
         if options.budget is None and not cls.free_budget:
             raise AttnswapError(f"cache policy '{cls.name}' needs a budget (a fraction in (0, 1])")
 
+    def make_cache_layer(self):
+        """The cache layer this policy runs in during prefill and decoding."""
+        from .pruned import PrunedLayer
+
+        return PrunedLayer(self)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return []  # a policy's parameters are searched (evolve), not trained by gradient
 

@@ -43,7 +43,7 @@ def convert(source: str, cfg: ConvertConfig, out: str, *, force: bool = False) -
     with outputs.claim(out, force=force, protect=guards):
         tokenizer = load_tokenizer(source)
         model = load_model(source)
-        do_convert(model, cfg.spec(), calibration=cfg.calibration_for(tokenizer))
+        do_convert(model, cfg.spec(), calibration=cfg.calibration_for(tokenizer), seed=cfg.seed)
         save(model, out, tokenizer=tokenizer, force=force, protect=guards, label="convert")
     section = model.config.attnswap
     new = sum(p.numel() for n, p in model.named_parameters() if ".attnswap" in n)

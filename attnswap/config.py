@@ -35,7 +35,7 @@ class ConvertConfig(_Config):
                                                       "selection) measure it", json_schema_extra=PATH)
     calibration_tokens: int = Field(4096, ge=2, description="calibration tokens, drawn as windows from the text")
     calibration_seq_len: int = Field(512, ge=2, description="calibration window length")
-    seed: int = Field(0, description="seed for drawing the calibration windows")
+    seed: int = Field(0, description="seed for drawing the calibration windows, the layer selection and the new parameters' initialisation")
 
     @model_validator(mode="after")
     def _one_way(self):
@@ -94,6 +94,10 @@ class FinetuneConfig(_Lengths):
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     save_every: int = Field(50, ge=1, description="write a resumable checkpoint every N steps")
     seed: int = Field(0, description="seed for LoRA init and data order")
+    loss: Literal["ce", "kl"] = Field("ce", description="ce: next-token cross-entropy on the text; kl: KL divergence "
+                                                      "from the original model's next-token distribution (the teacher "
+                                                      "is the same model with its attention methods bypassed and the "
+                                                      "LoRA off: no second copy)")
 
 
 class _Text(_Lengths):

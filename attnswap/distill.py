@@ -45,15 +45,18 @@ class _Capture:
 
 
 @torch.no_grad()
-def _held_out_losses(model, attn_modules, capture, batch) -> dict[str, float]:
-    with bypassed(model):
-        model(input_ids=batch, use_cache=False)
+def _held_out_losses(model, attn_modules, batch) -> dict[str, float]:
+    capture = _Capture(attn_modules)
+    try:
+        with bypassed(model):
+            model(input_ids=batch, use_cache=False)
+    finally:
+        capture.close()
     losses = {}
     for path, (args, kwargs, target) in capture.calls.items():
         student = attn_modules[path](*args, **kwargs)
         student = student[0] if isinstance(student, tuple) else student
         losses[path] = _relative_mse(student, target).item()
-    capture.calls.clear()
     return losses
 
 
@@ -62,40 +65,37 @@ def _relative_mse(student, target):
     return torch.nn.functional.mse_loss(student.float(), t) / t.pow(2).mean().clamp_min(1e-12)
 
 
-def distill(model, tokenizer, cfg: DistillConfig, out: str | Path | None = None, *, force: bool = False,
-            progress: bool = True, metrics: dict | None = None, protect=()) -> dict:
-    """Train the variants' parameters to match the original attention outputs; optionally save to `out`
-    (whole or not at all; `protect`: inputs `out` may not be or contain)."""
-    if out is not None:
-        outputs.check_out(out, force, protect)
-    variants = method_modules(model)
-    attn_modules = {path: model.get_submodule(path) for path in variants}
-    params = {path: v.trainable_parameters() for path, v in variants.items()}
-    if not any(params.values()):
+def _own_parameters(variants: dict) -> list[torch.nn.Parameter]:
+    params = [p for v in variants.values() for p in v.trainable_parameters()]
+    if not params:
         names = sorted({type(v).name for v in variants.values()}) or ["no attention methods"]
         raise AttnswapError(f"the plan's attention methods ({', '.join(names)}) have no parameters to distill; go "
                             "straight to finetune")
-    torch.manual_seed(cfg.seed)
+    return params
+
+
+def transfer(model, rows: torch.Tensor, steps: int, lr: float, *, batch_size: int = 1, progress: bool = True,
+             desc: str = "distill") -> dict[str, list[float]]:
+    """Attention transfer in place: `steps` Adam steps on the attention methods' own parameters, batches drawn
+    in order from `rows` (cycled); returns each layer's loss history. The methods' parameters are left frozen
+    (requires_grad False) afterwards, as the original weights are throughout."""
+    variants = method_modules(model)
+    attn_modules = {path: model.get_submodule(path) for path in variants}
+    trainable = _own_parameters(variants)
     for p in model.parameters():
         p.requires_grad_(False)
-    trainable = [p for ps in params.values() for p in ps]
     for p in trainable:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(trainable, lr=cfg.lr)
-    n_train = cfg.steps * cfg.batch_size
-    # one more window than training reads: the held-out window each layer's loss is reported on
-    rows = windows(training_ids(tokenizer, cfg.data, (n_train + 1) * cfg.seq_len), cfg.seq_len)
-    held_out, rows = rows[-1:], rows[:-1]
+    optimizer = torch.optim.Adam(trainable, lr=lr)
     device = next(model.parameters()).device
     history: dict[str, list[float]] = {path: [] for path in variants}
     capture = _Capture(attn_modules)
+    was_training = model.training
     model.eval()  # no dropout: the student must match the teacher's deterministic output
-    start = _held_out_losses(model, attn_modules, capture, held_out.to(device))
-    bar = tqdm(range(cfg.steps), desc="distill", unit="step", disable=not progress)
-    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
     try:
         for step in bar:
-            idx = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % len(rows)
+            idx = torch.arange(step * batch_size, (step + 1) * batch_size) % len(rows)
             batch = rows[idx].to(device)
             with torch.no_grad(), bypassed(model):
                 model(input_ids=batch, use_cache=False)
@@ -119,12 +119,35 @@ def distill(model, tokenizer, cfg: DistillConfig, out: str | Path | None = None,
             capture.calls.clear()
             recent = [h[-1] for h in history.values()]
             bar.set_postfix(mean=f"{sum(recent) / len(recent):.4f}", worst=f"{max(recent):.4f}")
+    finally:
         for p in trainable:
             p.requires_grad_(False)
-        final = _held_out_losses(model, attn_modules, capture, held_out.to(device))
-    finally:
         capture.close()
         bar.close()
+        model.train(was_training)
+    return history
+
+
+def distill(model, tokenizer, cfg: DistillConfig, out: str | Path | None = None, *, force: bool = False,
+            progress: bool = True, metrics: dict | None = None, protect=()) -> dict:
+    """Train the variants' parameters to match the original attention outputs; optionally save to `out`
+    (whole or not at all; `protect`: inputs `out` may not be or contain)."""
+    if out is not None:
+        outputs.check_out(out, force, protect)
+    variants = method_modules(model)
+    _own_parameters(variants)  # nothing to train: say so before reading any text
+    attn_modules = {path: model.get_submodule(path) for path in variants}
+    torch.manual_seed(cfg.seed)
+    n_train = cfg.steps * cfg.batch_size
+    # one more window than training reads: the held-out window each layer's loss is reported on
+    rows = windows(training_ids(tokenizer, cfg.data, (n_train + 1) * cfg.seq_len), cfg.seq_len)
+    held_out, rows = rows[-1:], rows[:-1]
+    device = next(model.parameters()).device
+    model.eval()
+    start = _held_out_losses(model, attn_modules, held_out.to(device))
+    t0 = time.perf_counter()
+    transfer(model, rows, cfg.steps, cfg.lr, batch_size=cfg.batch_size, progress=progress)
+    final = _held_out_losses(model, attn_modules, held_out.to(device))
     result = {
         "steps": cfg.steps,
         "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,

@@ -42,6 +42,10 @@ class AutoLayers(_Spec):
     fraction: float | None = Field(None, gt=0, le=1, description="fraction of the candidate layers to convert")
     within: str | list[int] | None = Field(None, description="candidate layers (default: every layer no other "
                                                              "attention entry names)")
+    distill_tokens: int = Field(0, ge=0, description="before measuring, train the method on every candidate layer by "
+                                                     "attention transfer (as `distill`) on this many calibration "
+                                                     "tokens, cycling the windows: the briefly trained model of the "
+                                                     "kl-restore criterion (0: measure the untrained method)")
 
     @model_validator(mode="after")
     def _one_target(self):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import plan as plans
@@ -40,14 +41,15 @@ def all_method_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def convert(model: nn.Module, what: str | dict | plans.PlanSpec, layers: str | list[int] | None = None, *,
-            calibration=None, **options: Any) -> nn.Module:
+            calibration=None, seed: int = 0, **options: Any) -> nn.Module:
     """Apply a plan to `model` in place; returns the model.
 
     `what` is a plan (a dict as in a plan YAML, or a `PlanSpec`) or one method's name, with `layers` and
     `options` the shorthand (`convert(model, name, layers="0-9", **options)`). The original
     projections stay where they were; `revert` undoes it. `calibration` (`attnswap.data.calibration(...)`) is
     text for methods that measure the original model first (dex's head selection); what they measured is
-    stored in the plan's options.
+    stored in the plan's options. `seed` seeds the layer selection and the new parameters' initialisation, so
+    the same plan converts to the same weights.
     """
     base = base_model(model)
     if getattr(base.config, "attnswap", None):
@@ -70,7 +72,7 @@ def convert(model: nn.Module, what: str | dict | plans.PlanSpec, layers: str | l
         if part.auto is not None:
             from .methods.attention.selection import select
 
-            chosen, selected[f"attention.{i}"] = select(model, part, calibration)
+            chosen, selected[f"attention.{i}"] = select(model, part, calibration, seed=seed)
             explicit = plans.spec(spec).model_dump()
             explicit["attention"][i]["layers"] = chosen
             plan = plans.resolve(explicit, adapter, len(sites))
@@ -79,6 +81,7 @@ def convert(model: nn.Module, what: str | dict | plans.PlanSpec, layers: str | l
         prepared = part.cls.prepare(model, part.options, part.layers, calibration)
         part.options, buffers[key] = prepared.options, prepared.buffers
         part.prepared = {**prepared.record, **({"selection": selected[key]} if key in selected else {})}
+    torch.manual_seed(seed)
     attach(base, plan, adapter, sites, buffers)
     base.config.attnswap = plans.section(plan, {"swapped": [s.path for s in sites], "versions": _versions()})
     return model

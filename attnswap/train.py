@@ -269,6 +269,22 @@ def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, r
                          metrics=metrics, on_step=on_step)
 
 
+def _kl_to_original(model, unwrapped, methods, batch) -> torch.Tensor:
+    """Mean per-token KL(original || converted) of the next-token distributions. The teacher pass is the same
+    model with every attention method bypassed (the original attention) and the LoRA adapters disabled."""
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for m in methods:
+            stack.callback(setattr, m, "bypass", False)
+            m.bypass = True
+        if hasattr(unwrapped, "disable_adapter"):
+            stack.enter_context(unwrapped.disable_adapter())
+        teacher = unwrapped(input_ids=batch).logits.float().log_softmax(-1)
+    student = model(input_ids=batch).logits.float().log_softmax(-1)
+    vocab = student.shape[-1]
+    return torch.nn.functional.kl_div(student.reshape(-1, vocab), teacher.reshape(-1, vocab), log_target=True,
+                                      reduction="batchmean")
+
+
 def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, resume: bool, progress: bool,
               metrics: dict | None, on_step) -> dict:
     ckpt = latest_checkpoint(run) if resume else None
@@ -276,6 +292,9 @@ def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, 
         raise AttnswapError(f"nothing to resume: no intact checkpoint in {run / CHECKPOINTS}; pass --force to "
                             "start again")
     saved, changed = _check_resume(ckpt, cfg) if ckpt is not None else (None, {})
+    if cfg.loss == "kl" and method_modules(model, "tuner"):
+        raise AttnswapError("--loss kl compares against the original model, which a plan with a tuner has no "
+                            "switch back to; use --loss ce")
     torch.manual_seed(cfg.seed)
     model = attach_lora(model, cfg)
     model.train()
@@ -312,7 +331,10 @@ def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, 
         idx = torch.arange(first, first + cfg.batch_size) % len(rows)
         batch = rows[idx].to(accelerator.device)
         shown = _method_schedules(methods, step, cfg.steps)
-        loss = model(input_ids=batch, labels=batch).loss
+        if cfg.loss == "kl":
+            loss = _kl_to_original(model, accelerator.unwrap_model(model), methods, batch)
+        else:
+            loss = model(input_ids=batch, labels=batch).loss
         mean_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
         where = f"the last good checkpoint is {last_ckpt.name}" if last_ckpt else "no checkpoint was written yet"
         if not math.isfinite(mean_loss):

@@ -60,6 +60,33 @@ def test_loss_and_kl_restore_scores_are_the_hand_computed_values(four_layers, ca
     assert max(loss.values()) > 1e-4 and len(set(loss.values())) == 4
 
 
+def test_kl_restore_after_a_brief_distillation_is_the_hand_computed_value(four_layers, cal):
+    """distill_tokens: the scores are those of the all-converted model after attention transfer on the calibration
+    windows (here: converted with the same seed, distilled by `distill.transfer`, each layer bypassed in turn);
+    the original model's parameters keep their requires_grad flags."""
+    from attnswap.distill import transfer
+    from attnswap.methods.attention import REGISTRY
+    from attnswap.methods.attention.selection import scores
+    from attnswap.surgery import method_modules
+
+    lin = {"feature_map": "hedgehog", "window": 4, "sinks": 1}
+    original = attnswap.load_model(four_layers)
+    cls = REGISTRY.get("linear")
+    opts = cls.parse_options(lin)
+    untrained = scores(original, cls, opts, [0, 1, 2, 3], cal, "kl-restore", progress=False)
+    trained = scores(original, cls, opts, [0, 1, 2, 3], cal, "kl-restore", distill_tokens=96, progress=False)
+    assert all(p.requires_grad for p in original.parameters())
+    model = attnswap.convert(attnswap.load_model(four_layers), "linear", **lin)
+    transfer(model, cal.ids, 3, 1e-2, progress=False)
+    kl_all = _kl(model, original, cal.ids)
+    methods = list(method_modules(model).values())
+    for layer in range(4):
+        methods[layer].bypass = True
+        assert trained[layer] == pytest.approx(kl_all - _kl(model, original, cal.ids), abs=1e-5)
+        methods[layer].bypass = False
+    assert max(abs(trained[i] - untrained[i]) for i in range(4)) > 1e-4
+
+
 def test_output_error_is_the_relative_error_of_the_layer_output(four_layers, cal):
     from attnswap.methods.attention import REGISTRY
     from attnswap.methods.attention.analysis import recording

@@ -16,6 +16,10 @@ the N lowest scores are converted, ties to the lower index):
   attention (a layer whose restoration helps least is converted first);
 - `evenly`: the layers kept exact are evenly spaced over the candidates (the naive baseline; nothing measured).
 
+`distill_tokens: N` first trains the method on every candidate by attention transfer on N calibration tokens
+(the "briefly trained all-converted model" of arXiv 2512.20569; any criterion can use it); the trained
+parameters only inform the choice and are discarded, the conversion starts from the seeded initialisation.
+
 The scores and the choice are stored in the plan's `prepared` record, so loading never measures again.
 """
 from __future__ import annotations
@@ -82,8 +86,9 @@ def _kl(model, ids: torch.Tensor, causal: bool, reference: torch.Tensor) -> floa
 
 @torch.no_grad()
 def scores(model, cls, options, candidates: list[int], calibration, criterion: str, *, seed: int = 0,
-           progress: bool = True) -> dict[int, float]:
-    """candidate layer -> score under `criterion` (lower = convert first), on `calibration.ids`."""
+           distill_tokens: int = 0, progress: bool = True) -> dict[int, float]:
+    """candidate layer -> score under `criterion` (lower = convert first), on `calibration.ids`; with
+    `distill_tokens`, after a brief attention transfer of the method on every candidate (discarded after)."""
     from ...arch import adapter_for
     from ...surgery import base_model
 
@@ -95,6 +100,8 @@ def scores(model, cls, options, candidates: list[int], calibration, criterion: s
     model.eval()
     try:
         with _attached(model, cls, options, sites, adapter, seed) as methods:
+            if distill_tokens:
+                _briefly_distilled(model, calibration.ids, distill_tokens, progress)
             if criterion == "output-error":
                 return _output_errors(model, methods, sites, windows, progress)
             measure = _loss if criterion == "loss" else _kl
@@ -121,6 +128,22 @@ def scores(model, cls, options, candidates: list[int], calibration, criterion: s
         return {i: totals[i] / n for i in candidates}
     everything = totals.pop(-1) / n
     return {i: everything - totals[i] / n for i in candidates}  # the KL drop when layer i is restored
+
+
+def _briefly_distilled(model, rows: torch.Tensor, tokens: int, progress: bool) -> None:
+    """Attention transfer of the attached methods on the calibration windows; the model's own parameters keep
+    their requires_grad flags."""
+    from ...config import DistillConfig
+    from ...distill import transfer
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with torch.enable_grad():
+            transfer(model, rows, max(1, tokens // rows.shape[1]), DistillConfig.model_fields["lr"].default,
+                     progress=progress, desc="select layers (brief distill)")
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _output_errors(model, methods, sites, windows, progress) -> dict[int, float]:
@@ -162,7 +185,7 @@ def select(model, part, calibration, *, seed: int = 0, progress: bool = True) ->
             raise AttnswapError(f"layers: auto ({criterion}) measures the model on calibration text: pass "
                                 "--calibration FILE (API: calibration=attnswap.data.calibration(tokenizer, FILE))")
         measured = scores(model, part.cls, part.options, candidates, calibration, criterion, seed=seed,
-                          progress=progress)
+                          distill_tokens=auto.get("distill_tokens", 0), progress=progress)
     chosen = choose(candidates, n, criterion, measured)
     record = {"criterion": criterion, "converted": chosen, "kept_exact": [c for c in candidates if c not in chosen],
               "candidates": candidates}

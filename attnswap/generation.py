@@ -26,13 +26,15 @@ def make_cache(model) -> Cache:
     return Cache(layers=layers)
 
 
+def layer_bytes(layer) -> int:
+    """Bytes held by one cache layer's tensors (keys/values and any recurrent state)."""
+    tensors = layer.tensors() if hasattr(layer, "tensors") else [layer.keys, layer.values]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 def cache_bytes(cache: Cache) -> int:
     """Bytes held by the cache's tensors (keys/values and any recurrent state)."""
-    total = 0
-    for layer in cache.layers:
-        tensors = layer.tensors() if hasattr(layer, "tensors") else [layer.keys, layer.values]
-        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-    return total
+    return sum(layer_bytes(layer) for layer in cache.layers)
 
 
 @torch.no_grad()

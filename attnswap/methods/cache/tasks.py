@@ -41,14 +41,10 @@ def _mean(values):
 
 def peak_bytes(cache) -> int:
     """Largest cache held so far: pruning layers report their peak (new tokens in, just before an eviction);
-    other layers their current keys and values."""
-    total = 0
-    for layer in cache.layers:
-        if hasattr(layer, "peak_bytes"):
-            total += layer.peak_bytes
-        else:
-            total += sum(t.nbytes for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
-    return total
+    other layers the tensors they hold now (keys and values, a linear state)."""
+    from ...generation import layer_bytes
+
+    return sum(layer.peak_bytes if hasattr(layer, "peak_bytes") else layer_bytes(layer) for layer in cache.layers)
 
 
 @torch.no_grad()

@@ -328,3 +328,16 @@ def test_long_context_perplexity_pools_documents(tiny_dirs, tiny_tokenizer):
     assert both["predictions"] == 64 == sum(c for _, c in parts)
     assert both["nll"] == pytest.approx(sum(n for n, _ in parts) / 64, abs=1e-9)
     assert both["perplexity"] == pytest.approx(math.exp(both["nll"]))
+
+
+def test_long_context_cache_bytes_count_a_linear_state(tiny_dirs, tiny_tokenizer):
+    """The peak cache bytes of a linear model are its sinks + window keys/values plus its state, by shape (tiny
+    Llama: 2 layers, 2 KV heads of 8 dims, hedgehog phi of 2 x 8 dims, float32)."""
+    from attnswap.methods.cache.tasks import long_context_perplexity
+
+    model = attnswap.load_model(tiny_dirs["llama"])
+    attnswap.convert(model, "linear", window=8, sinks=2)
+    r = long_context_perplexity(model, tiny_tokenizer, str(WIKI_TEST), context=64, score_from=32, chunk=16)
+    kv = 2 * 2 * (8 + 2) * 8 * 4  # keys and values, heads, tokens, dims, bytes
+    state = 2 * (2 * 8) * (8 + 1) * 4  # heads, phi dims, dims + normaliser, bytes
+    assert r["peak_cache_bytes"] == 2 * (kv + state)

@@ -29,7 +29,7 @@ from .checkpoint import check_finite, first_non_finite, write_model
 from .config import FinetuneConfig
 from .data import training_ids, windows
 from .errors import AttnswapError, TrainingDiverged
-from .surgery import all_method_modules, method_modules
+from .surgery import all_method_modules, bypassed, method_modules
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
@@ -269,13 +269,11 @@ def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, r
                          metrics=metrics, on_step=on_step)
 
 
-def _kl_to_original(model, unwrapped, methods, batch) -> torch.Tensor:
+def _kl_to_original(model, unwrapped, batch) -> torch.Tensor:
     """Mean per-token KL(original || converted) of the next-token distributions. The teacher pass is the same
     model with every attention method bypassed (the original attention) and the LoRA adapters disabled."""
     with torch.no_grad(), contextlib.ExitStack() as stack:
-        for m in methods:
-            stack.callback(setattr, m, "bypass", False)
-            m.bypass = True
+        stack.enter_context(bypassed(unwrapped))
         if hasattr(unwrapped, "disable_adapter"):
             stack.enter_context(unwrapped.disable_adapter())
         teacher = unwrapped(input_ids=batch).logits.float().log_softmax(-1)
@@ -332,7 +330,7 @@ def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, 
         batch = rows[idx].to(accelerator.device)
         shown = _method_schedules(methods, step, cfg.steps)
         if cfg.loss == "kl":
-            loss = _kl_to_original(model, accelerator.unwrap_model(model), methods, batch)
+            loss = _kl_to_original(model, accelerator.unwrap_model(model), batch)
         else:
             loss = model(input_ids=batch, labels=batch).loss
         mean_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))

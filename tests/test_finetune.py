@@ -138,6 +138,6 @@ def test_kl_loss_is_the_kl_to_the_original_and_goes_down(tiny_dirs, tiny_tokeniz
 
 def test_kl_loss_with_a_tuner_is_a_one_line_error(tiny_dirs, tiny_tokenizer, tmp_path):
     model = attnswap.load_model(tiny_dirs["llama"])
-    attnswap.convert(model, {"tuner": {"method": "lora-ensemble", "members": 2, "rank": 2}})
+    attnswap.convert(model, "lora-ensemble", members=2)
     with pytest.raises(attnswap.AttnswapError, match="--loss kl .* tuner"):
         finetune(model, tiny_tokenizer, _cfg(loss="kl", lora_r=0), tmp_path / "t", progress=False)

@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def main():
     p.add_argument("--out", default=None)
     a = p.parse_args()
     out = Path(a.out) if a.out else None
-    code, code_sha = code_text(Path(a.out + "-code.txt") if a.out else Path("/tmp/attnswap-code.txt"))
+    code, code_sha = code_text(Path(tempfile.gettempdir()) / "attnswap-long-context-code.txt")  # sha256 in the JSON
     texts = {"wikitext2-test": WIKI, "python-stdlib-code": code}
     tok = attnswap.load_tokenizer(a.original)
     rows = []

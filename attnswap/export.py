@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from . import outputs
+from .arch import adapter_for
 from .checkpoint import read_metrics, write_model
 from .errors import NumericalError
 from .models import load_model, load_tokenizer, resolve
@@ -17,8 +18,31 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHARD_SIZE = "2GB"
 
 
-def model_card(name: str, section: dict | None, metrics: dict, recipe: str | None, origin: str | None = None) -> str:
-    lines = [f"# {name}", "", "Exported by attnswap (attention surgery for pretrained transformers).", ""]
+def card_metadata(section: dict | None, source: dict, causal: bool) -> str:
+    """The YAML block the hub reads: base_model, library_name, tags, pipeline_tag, license (when the original
+    states one). A converted model needs attnswap to load (library `attnswap`); a plain one loads with
+    transformers."""
+    from huggingface_hub import ModelCardData
+
+    plan = (section or {}).get("plan") or {}
+    methods = sorted({part.get("method") or part.get("policy") for kind in ("attention", "cache", "tuner")
+                      for part in (plan.get(kind) if isinstance(plan.get(kind), list) else [plan.get(kind)])
+                      if part})
+    data = ModelCardData(base_model=source.get("base_model"), license=source.get("license"),
+                         language=source.get("language"), library_name="attnswap" if section else "transformers",
+                         pipeline_tag="text-generation" if causal else "feature-extraction",
+                         tags=["attnswap", *(f"attnswap-{m}" for m in methods)])
+    return "---\n" + data.to_yaml() + "\n---\n"
+
+
+def model_card(name: str, section: dict | None, metrics: dict, recipe: str | None, origin: str | None = None,
+               source: dict | None = None, causal: bool = True) -> str:
+    source = source or {}
+    lines = [card_metadata(section, source, causal), f"# {name}", "",
+             "Exported by attnswap (attention surgery for pretrained transformers).", ""]
+    if source.get("base_model"):
+        lines += [f"Base model: [{source['base_model']}](https://huggingface.co/{source['base_model']})"
+                  + (f", license {source['license']}" if source.get("license") else "") + ".", ""]
     if origin:
         lines += [origin, ""]
     if section:
@@ -60,7 +84,18 @@ def model_card(name: str, section: dict | None, metrics: dict, recipe: str | Non
         lines += ["No measurements were recorded for this checkpoint.", ""]
     if recipe:
         lines += ["## Recipe", "", "```yaml", recipe.rstrip(), "```", ""]
-    lines += ["## Load", "", "```python", "import attnswap", f'model = attnswap.load("{name}")', "```", ""]
+    lines += ["## Load", "", "From this directory, or from its hub repository once uploaded (`snapshot_download` "
+              "fetches the whole folder):", "", "```python"]
+    if section:  # the converted attention is attnswap's: load through it
+        lines += ["import attnswap  # pip install attnswap", "from huggingface_hub import snapshot_download", "",
+                  f'path = snapshot_download("YOUR-NAME/{name}")  # or the local path of this folder',
+                  "model = attnswap.load_model(path)", "tokenizer = attnswap.load_tokenizer(path)"]
+    else:
+        cls = "AutoModelForCausalLM" if causal else "AutoModel"
+        lines += [f"from transformers import AutoTokenizer, {cls}", "",
+                  f'model = {cls}.from_pretrained("YOUR-NAME/{name}")  # or the local path of this folder',
+                  f'tokenizer = AutoTokenizer.from_pretrained("YOUR-NAME/{name}")']
+    lines += ["```", ""]
     return "\n".join(lines)
 
 
@@ -140,5 +175,7 @@ def _export(source, out, *, merge_lora, dtype, force, member, keep_fp32, guards)
             (tmp / "recipe.yaml").write_text(recipe)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "README.md").write_text(model_card(Path(out).name, base.config.attnswap if section else None,
-                                                  metrics, recipe, origin))
+                                                  metrics, recipe, origin,
+                                                  source=getattr(base.config, "attnswap_origin", None),
+                                                  causal=adapter_for(base.config).causal))
     return outputs.user_path(out)

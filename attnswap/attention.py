@@ -22,6 +22,38 @@ CACHE_LAYER = "attnswap_cache_layer"
 PROBES = "attnswap_probes"
 
 
+def exact_attention(module, query, key, value, attention_mask, **kwargs):
+    """The original softmax attention: SDPA, or with the logits soft-capped (Gemma 2's `softcap`, which SDPA
+    cannot apply) in plain PyTorch. The mask is SDPA's: boolean [B, 1, Tq, Tk] (True = attend), or None with
+    causality from the module."""
+    softcap = kwargs.pop("softcap", None)
+    if softcap is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    import torch
+
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    groups = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    logits = torch.matmul(query, k.transpose(2, 3)) * scaling
+    logits = torch.tanh(logits / softcap) * softcap
+    tq, tk = query.shape[2], key.shape[2]
+    if attention_mask is not None:
+        mask = attention_mask[..., :tk]
+        if mask.dtype != torch.bool:
+            logits = logits + mask
+            mask = None
+    elif is_causal and tq > 1:
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(tk - tq)
+    else:
+        mask = None
+    if mask is not None:
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    weights = torch.softmax(logits.float(), dim=-1).to(query.dtype)
+    return torch.matmul(weights, v).transpose(1, 2).contiguous(), None
+
+
 def attnswap_attention(module, query, key, value, attention_mask, **kwargs):
     layer = kwargs.pop(CACHE_LAYER, None)
     method = getattr(module, "attnswap", None)
@@ -32,7 +64,7 @@ def attnswap_attention(module, query, key, value, attention_mask, **kwargs):
     elif method is not None:
         out = method(module, query, key, value, attention_mask, **kwargs)
     else:
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        out = exact_attention(module, query, key, value, attention_mask, **kwargs)
     for probe in getattr(module, PROBES, ()):
         out = probe(module, out, query, key, value)
     return out

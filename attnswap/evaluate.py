@@ -13,7 +13,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .arch import adapter_for
+from .arch import is_causal_lm
 from .data import encode, read_text, windows
 from .errors import AttnswapError, NumericalError
 from .surgery import base_model as _base
@@ -21,9 +21,8 @@ from .surgery import base_model as _base
 
 def require_causal_lm(config, label: str = "this model") -> None:
     """One-line error unless `config` describes a causal language model."""
-    adapter = adapter_for(config)
-    if not adapter.causal:
-        raise AttnswapError(f"perplexity needs a causal language model; {label} is a bidirectional {adapter.name} encoder")
+    if not is_causal_lm(config):
+        raise AttnswapError(f"perplexity needs a causal language model; {label} is a {config.model_type} encoder")
 
 
 def require_finite(what: str, **numbers: float) -> None:

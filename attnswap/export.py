@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from . import outputs
-from .arch import adapter_for
+from .arch import is_causal_lm
 from .checkpoint import read_metrics, write_model
 from .errors import NumericalError
 from .models import load_model, load_tokenizer, resolve
@@ -177,5 +177,5 @@ def _export(source, out, *, merge_lora, dtype, force, member, keep_fp32, guards)
         (tmp / "README.md").write_text(model_card(Path(out).name, base.config.attnswap if section else None,
                                                   metrics, recipe, origin,
                                                   source=getattr(base.config, "attnswap_origin", None),
-                                                  causal=adapter_for(base.config).causal))
+                                                  causal=is_causal_lm(base.config)))
     return outputs.user_path(out)

@@ -4,17 +4,21 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache
 
-from .arch import adapter_for
+from .arch import find_adapter
 from .surgery import base_model, method_modules
 
 
 def make_cache(model) -> Cache:
     """One cache layer per attention layer: the attention method's own where it has one, else the cache
-    policy's pruned cache where the plan has one for the layer, else a growing KV layer."""
+    policy's pruned cache where the plan has one for the layer, else the model's own layer (a growing KV layer,
+    or a sliding one where the model's layer attends a window)."""
     base = base_model(model)
-    adapter = adapter_for(base.config)
+    own = DynamicCache(config=base.config).layers
+    adapter = find_adapter(base.config)
+    if adapter is None:  # an architecture attnswap cannot convert: its own cache
+        return Cache(layers=own)
     methods, policies = method_modules(base, "attention"), method_modules(base, "cache")
     layers = []
     for site in adapter.sites(base):
@@ -22,7 +26,7 @@ def make_cache(model) -> Cache:
         layer = method.make_cache_layer() if method is not None else None
         if layer is None and policy is not None:
             layer = policy.make_cache_layer()
-        layers.append(layer if layer is not None else DynamicLayer())
+        layers.append(layer if layer is not None else own[site.index])
     return Cache(layers=layers)
 
 

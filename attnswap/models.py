@@ -175,9 +175,9 @@ def _hf_location(src: Source) -> str:
 def _auto_class(config):
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from .arch import adapter_for
+    from .arch import is_causal_lm
 
-    return AutoModelForCausalLM if adapter_for(config).causal else AutoModel
+    return AutoModelForCausalLM if is_causal_lm(config) else AutoModel
 
 
 def _hub_error(src: Source, err: Exception) -> AttnswapError:
@@ -257,7 +257,8 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     from .checkpoint import load_method_tensors
 
     config = load_config(source)
-    adapter_for(config)  # unsupported architecture: fail before reading weights
+    if getattr(config, "attnswap", None):
+        adapter_for(config)  # a converted checkpoint of an architecture this version cannot convert: fail early
     src = resolve(source)
     location = _hf_location(src)
     section = getattr(config, "attnswap", None)
@@ -321,14 +322,13 @@ def max_positions(config) -> int | None:
 def check_positions(config, seq_len: int, flag: str = "--seq-len", allow_long: bool = False) -> None:
     """Refuse a length beyond the model's maximum positions: always for learned (absolute) positions, which
     have no embedding there; for rotary ones unless the user opts in (`--allow-long`)."""
-    from .arch import adapter_for
+    from .arch import position_kind
 
     limit = max_positions(config)
     if limit is None or seq_len <= limit:
         return
-    adapter = adapter_for(config)
-    if adapter.positions == "absolute":
-        raise AttnswapError(f"{flag} {seq_len} is beyond the {limit} positions of this {adapter.name} model (its "
+    if position_kind(config) == "absolute":
+        raise AttnswapError(f"{flag} {seq_len} is beyond the {limit} positions of this {config.model_type} model (its "
                             f"learned position embeddings end there); use at most {limit}")
     if not allow_long:
         raise AttnswapError(f"{flag} {seq_len} is beyond the model's {limit} maximum positions; use at most {limit}, "

@@ -89,7 +89,7 @@ def validate(recipe: Recipe, out: str | None, force: bool, recipe_path: str | No
     (methods, options, layers, composition), data, lengths against the model's positions and this machine's
     memory, the output."""
     from . import commands
-    from .arch import adapter_for
+    from .arch import is_causal_lm
     from .methods import kinds
     from .models import check_fits, check_positions, load_config
 
@@ -99,7 +99,6 @@ def validate(recipe: Recipe, out: str | None, force: bool, recipe_path: str | No
     outputs.check_out(out, force, _guards(recipe, recipe_path))
     plan = commands.check_convert(recipe.model, recipe.convert)
     config = load_config(recipe.model)
-    adapter = adapter_for(config)
     for step in ("distill", "finetune", "eval", "eval_calibration"):
         cfg = getattr(recipe, step)
         if cfg is None:
@@ -109,8 +108,9 @@ def validate(recipe: Recipe, out: str | None, force: bool, recipe_path: str | No
         batch = getattr(cfg, "batch_size", 1)
         check_fits(config, batch, cfg.seq_len, training=step in ("distill", "finetune"),
                    flags=f"{step}.batch_size or {step}.seq_len")
-    if (recipe.eval or recipe.eval_calibration or recipe.eval_memory or recipe.generate) and not adapter.causal:
-        raise AttnswapError(f"recipe evaluations and generation need a causal LM; {recipe.model} is {adapter.name}")
+    if (recipe.eval or recipe.eval_calibration or recipe.eval_memory or recipe.generate) and not is_causal_lm(config):
+        raise AttnswapError(f"recipe evaluations and generation need a causal LM; {recipe.model} is a "
+                            f"{config.model_type} encoder")
     for step in ("eval_memory", "evolve"):
         cfg = getattr(recipe, step)
         if cfg is None:

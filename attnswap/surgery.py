@@ -125,6 +125,8 @@ def attach(base: nn.Module, plan: plans.Plan, adapter, sites, buffers: dict | No
     if plan.tuner is not None:
         hooks += plan.tuner.cls.model_hooks(base, adapter, plan.tuner.options)
     base._attnswap_hooks = hooks
+    if base.config._attn_implementation != IMPLEMENTATION:  # what revert restores (eager for Gemma 2)
+        base._attnswap_original_attn = base.config._attn_implementation
     base.set_attn_implementation(ensure_registered())
 
 
@@ -187,7 +189,8 @@ def revert(model: nn.Module) -> nn.Module:
         for path in method_modules(base, kind):
             delattr(base.get_submodule(path), attr)
     if base.config._attn_implementation == IMPLEMENTATION:
-        base.set_attn_implementation("sdpa")
+        original = getattr(base, "_attnswap_original_attn", None) or ("sdpa" if base._supports_sdpa else "eager")
+        base.set_attn_implementation(original)
     if hasattr(base.config, "attnswap"):
         del base.config.attnswap
     return model

@@ -42,7 +42,7 @@ def test_geometry_of_gqa_llama(tiny_dirs):
 def test_unsupported_architecture_is_one_line():
     from transformers import T5Config
 
-    with pytest.raises(attnswap.AttnswapError, match="unsupported architecture 't5'"):
+    with pytest.raises(attnswap.AttnswapError, match="cannot convert architecture 't5'"):
         adapter_for(T5Config())
 
 

@@ -72,6 +72,22 @@ class ArchAdapter:
         """q, k, v, o of one site as nn.Linear-layout weights (views, not copies)."""
         raise NotImplementedError
 
+    def layer_window(self, site: Site) -> int | None:
+        """The layer's own sliding window in tokens (Gemma's, ModernBERT's local layers, Mistral/Phi-3's
+        window), or None for a layer that attends the whole context. Transformers passes it in the mask."""
+        module = site.module
+        if hasattr(module, "sliding_window"):
+            return module.sliding_window
+        config = getattr(module, "config", None)
+        types = getattr(config, "layer_types", None)
+        if types is not None:
+            return config.sliding_window if types[site.index] == "sliding_attention" else None
+        return getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+
+    def softcap(self, site: Site) -> float | None:
+        """The tanh soft-capping of the attention logits the model applies (Gemma 2), or None."""
+        return getattr(site.module, "attn_logit_softcapping", None)
+
     def projection_modules(self, model: nn.Module, site: Site) -> dict[str, tuple[nn.Module, slice]]:
         """q, k, v, o of one site as (module computing it, slice of that module's output features).
 

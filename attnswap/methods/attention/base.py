@@ -30,6 +30,12 @@ class AttentionMethod(Method, nn.Module):
     # True for a method that computes exactly the original attention (a cache policy then treats the layer as
     # an original one: it may run without a budget there)
     exact: ClassVar[bool] = False
+    # True if the method applies transformers' attention mask, so a layer's own sliding window (Gemma's local
+    # layers, ModernBERT's, Mistral's), which arrives in that mask, holds; False for one that reads only the
+    # padding from it (it cannot be placed on such a layer)
+    uses_mask: ClassVar[bool] = True
+    # True if the method honours the model's soft-capping of the attention logits (Gemma 2's `softcap`)
+    softcap: ClassVar[bool] = False
 
     def __init__(self, options: Options, site: Site, geometry: Geometry, adapter: ArchAdapter):
         super().__init__()
@@ -40,6 +46,23 @@ class AttentionMethod(Method, nn.Module):
         self.layer_index = site.index
         self.geometry = geometry
         self.causal = adapter.causal
+        self._check_layer(site, adapter)
+
+    def _check_layer(self, site: Site, adapter: ArchAdapter) -> None:
+        """One-line error where this layer asks for what the method cannot do."""
+        from ...errors import AttnswapError
+
+        window = adapter.layer_window(site)
+        if window is not None and not self.uses_mask:
+            types = getattr(getattr(site.module, "config", None), "layer_types", None) or []
+            full = [i for i, t in enumerate(types) if t == "full_attention"]
+            hint = f" (--layers {','.join(map(str, full))})" if full else ""
+            raise AttnswapError(f"{self.name} cannot keep layer {site.index}'s own sliding window of {window} tokens "
+                                f"({adapter.name} family): convert only the layers that attend the whole context{hint}")
+        cap = adapter.softcap(site)
+        if cap is not None and not self.softcap:
+            raise AttnswapError(f"{self.name} cannot apply the soft-capping of the attention logits (at {cap}) that "
+                                f"layer {site.index} uses ({adapter.name} family)")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.parameters())

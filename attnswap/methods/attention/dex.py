@@ -35,8 +35,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 from torch import nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ...attention import exact_attention
 from ...errors import AttnswapError
 from .. import Options, Prepared
 from . import register
@@ -57,6 +57,7 @@ class DexOptions(Options):
 @register
 class Dex(AttentionMethod):
     name = "dex"
+    softcap = True
     summary = "DEX: O - lambda * O W (norm kept) on selected heads, lambda annealed from 0; starts as the original"
     Options = DexOptions
     adds = "a D x D map and a lambda per adapted head; lambda annealed by finetune"
@@ -142,7 +143,7 @@ class Dex(AttentionMethod):
         return {"lambda": float(self.effective_lambda().detach().mean())} if len(self.lam) else {}
 
     def forward(self, module, query, key, value, attention_mask, **kwargs):
-        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # [B, T, H, D]
+        out, weights = exact_attention(module, query, key, value, attention_mask, **kwargs)  # [B, T, H, D]
         if not len(self.heads):
             return out, weights
         sel = out[:, :, self.heads].float()

@@ -80,6 +80,7 @@ class FeatureMap(nn.Module):
 @register
 class LinearAttention(AttentionMethod):
     name = "linear"
+    uses_mask = False
     summary = "linear attention with learned feature maps, hybrid with an exact window + sinks (Hedgehog, LoLCATs)"
     Options = LinearOptions
     prunable = False  # decodes from a constant-size state of its own (LinearStateLayer)

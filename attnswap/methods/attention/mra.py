@@ -42,6 +42,7 @@ class MRAOptions(Options):
 @register
 class MRA(AttentionMethod):
     name = "mra"
+    uses_mask = False
     summary = "multi-resolution attention: exact top-k blocks + block-mean approximation (MRA), Triton kernel"
     Options = MRAOptions
     adds = "no new parameters (a block-sparse kernel); adapt with finetune"

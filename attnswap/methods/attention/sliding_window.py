@@ -7,8 +7,8 @@ holds unchanged during generation. Computed by SDPA with a boolean band mask [1,
 """
 import torch
 from pydantic import Field
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ...attention import exact_attention
 from .. import Options
 from . import register
 from .base import AttentionMethod
@@ -33,6 +33,7 @@ def band_mask(q_len: int, kv_len: int, window: int, sinks: int, causal: bool, de
 @register
 class SlidingWindow(AttentionMethod):
     name = "sliding-window"
+    softcap = True
     summary = "exact softmax over a local window plus sink tokens (StreamingLLM)"
     Options = SlidingWindowOptions
 
@@ -47,4 +48,4 @@ class SlidingWindow(AttentionMethod):
             mask = attention_mask.masked_fill(~band, torch.finfo(attention_mask.dtype).min)
         # the band already carries causality; SDPA must not add its own on top of an explicit mask
         kwargs.pop("is_causal", None)
-        return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
+        return exact_attention(module, query, key, value, mask, is_causal=False, **kwargs)

@@ -15,7 +15,8 @@ import math
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ...attention import exact_attention
 
 
 class PrunedLayer(CacheLayerMixin):
@@ -67,7 +68,7 @@ class PrunedLayer(CacheLayerMixin):
         mask = self.allowed(q_pos, query.shape[1])
         kwargs.pop("is_causal", None)
         if method is None:
-            out = sdpa_attention_forward(module, query, key, value, mask, is_causal=False, scaling=scale, **kwargs)
+            out = exact_attention(module, query, key, value, mask, is_causal=False, scaling=scale, **kwargs)
         else:
             out = method(module, query, key, value, mask, scaling=scaling, **kwargs)
         self.after_attend(query.detach(), scale)

@@ -15,7 +15,7 @@ from typer.exceptions import TyperException
 
 from . import commands
 from .config import (CalibrationConfig, ConvertConfig, DistillConfig, EvalConfig, EvolveConfig, ExportConfig,
-                     FinetuneConfig, GenerateConfig, MemoryEvalConfig, is_path)
+                     FinetuneConfig, GenerateConfig, LmEvalConfig, MemoryEvalConfig, is_path)
 from .errors import AttnswapError, first_validation_error
 
 app = typer.Typer(help="Swap the self-attention of pretrained transformers for efficient or improved methods.",
@@ -238,6 +238,17 @@ def eval_calibration(values, source, force, as_json):
                       f"{r['ece_floor']:.4f})  brier {r['brier']:.4f}  entropy {r['entropy']:.4f}  "
                       f"disagreement {r['disagreement']:.4f}  over {r['tokens']} predictions ({r['windows']} "
                       f"windows of {cfg.seq_len})")
+
+
+@command(eval_app, "lm-eval", LmEvalConfig, extra=[JSON])
+def eval_lm_eval(values, source, as_json):
+    """lm-evaluation-harness tasks on the model as attnswap runs it (optional extra: pip install -e ".[eval]")."""
+    cfg = build(LmEvalConfig, **values)
+    r = commands.eval_lm_eval(source, cfg)
+    human = f"{source}:\n{r['table']}"
+    if cfg.compare:
+        human += f"\n{cfg.compare}:\n{r['original']['table']}"
+    _emit(r, as_json, human)
 
 
 def _kept(r: dict) -> str:

@@ -4,10 +4,11 @@ results; the CLI only parses options and prints that dict, a recipe only calls t
 """
 from __future__ import annotations
 
+import contextlib
 
 from . import outputs
 from .config import (CalibrationConfig, ConvertConfig, DistillConfig, EvalConfig, EvolveConfig, ExportConfig,
-                     FinetuneConfig, GenerateConfig, MemoryEvalConfig)
+                     FinetuneConfig, GenerateConfig, LmEvalConfig, MemoryEvalConfig)
 from .errors import AttnswapError
 
 
@@ -103,6 +104,27 @@ def eval_calibration(source: str, cfg: CalibrationConfig, *, force: bool = False
     return result
 
 
+def eval_lm_eval(source: str, cfg: LmEvalConfig) -> dict:
+    """lm-evaluation-harness tasks on SOURCE (and on `compare` beside it): lm-eval's results and table."""
+    from . import lmeval
+    from .models import load_config, load_model, load_tokenizer
+
+    tasks = cfg.task_list()
+    if not tasks:
+        raise AttnswapError("--tasks: name at least one lm-eval task")
+    tm = lmeval.check_tasks(tasks, cfg.include_path)
+    for who in filter(None, (source, cfg.compare)):
+        load_config(who)  # a bad source fails here, before the other is evaluated
+    out = {}
+    for who in filter(None, (source, cfg.compare)):
+        out[who] = lmeval.evaluate(load_model(who, merge_lora=True), load_tokenizer(who), tasks,
+                                   num_fewshot=cfg.num_fewshot, limit=cfg.limit, batch_size=cfg.batch_size, tm=tm)
+    result = {"source": source, **out[source]}
+    if cfg.compare:
+        result["original"] = out[cfg.compare]
+    return result
+
+
 def _check_cache(source: str, cfg, longest: int, flag: str):
     """The cache policy a memory command runs, checked against SOURCE before loading weights."""
     from .data import check_data
@@ -163,8 +185,12 @@ def evolve(source: str, cfg: EvolveConfig, out: str, *, resume: bool = False, fo
 
     if cfg.init is not None and not outputs.user_path(cfg.init).is_file():
         raise AttnswapError(f"--init file not found: {cfg.init}")
+    from . import parallel
+
     guards = outputs.inputs(source, data=cfg.data, init=cfg.init)
-    outputs.check_out(out, force or resume, guards)
+    _, rank = parallel.world()
+    if rank == 0:  # under torchrun, rank 0 alone owns the output
+        outputs.check_out(out, force or resume, guards)
     _check_cache(source, cfg, cfg.context, "--context")
     policy = cfg.policy
     if policy is None:
@@ -172,12 +198,14 @@ def evolve(source: str, cfg: EvolveConfig, out: str, *, resume: bool = False, fo
         policy = evolvable[0] if len(evolvable) == 1 else None
         if policy is None:
             raise AttnswapError(f"give --policy: the cache policies with parameters to evolve are {evolvable}")
-    with outputs.claim(out, force=force or resume, protect=guards):
+    claim = outputs.claim(out, force=force or resume, protect=guards) if rank == 0 else contextlib.nullcontext()
+    with claim:
         model = load_model(source, merge_lora=True)
         with_cache_policy(model, policy, cfg.policy_options())
         return do_evolve(model, load_tokenizer(source), task=cfg.task, data=cfg.data, out=out,
                          generations=cfg.generations, population=cfg.population, sigma=cfg.sigma, seed=cfg.seed,
-                         resume=resume, force=force, task_kw=cfg.task_kw(), init=cfg.init, protect=guards)
+                         resume=resume, force=force, task_kw=cfg.task_kw(), init=cfg.init, protect=guards,
+                         threads=cfg.threads)
 
 
 def _check_training(source: str, cfg):

@@ -132,6 +132,20 @@ class CalibrationConfig(_Text):
         return self
 
 
+class LmEvalConfig(_Config):
+    tasks: str = Field(description="lm-eval task names, comma-separated (offline: attnswap_wikitext_nextsent)")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per item (default: the task's)")
+    limit: int | None = Field(None, ge=1, description="first N items of each task")
+    include_path: str | None = Field(None, description="a folder of your own lm-eval task YAMLs",
+                                     json_schema_extra=PATH)
+    batch_size: int = Field(1, ge=1, description="requests per forward pass")
+    compare: str | None = Field(None, description="also evaluate this original model beside it",
+                                json_schema_extra=PATH)
+
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+
+
 class _Cache(_Config):
     policy: str | None = Field(None, description="cache policy (see 'attnswap list'; default: the model's own)")
     options: dict[str, Any] = Field(default_factory=dict, description="policy options, key: value (--set)",
@@ -182,6 +196,8 @@ class EvolveConfig(_Cache):
     seed: int = Field(0, description="CMA-ES seed")
     init: str | None = Field(None, description="start from this parameters file (a vector evolved before) instead "
                                                "of the policy's initial vector", json_schema_extra=PATH)
+    threads: int | None = Field(None, ge=1, description="intra-op threads per process (default: all cores, shared "
+                                                      "by the processes under torchrun); fix it to compare runs")
 
     @model_validator(mode="after")
     def _checks(self):

@@ -341,3 +341,33 @@ def test_long_context_cache_bytes_count_a_linear_state(tiny_dirs, tiny_tokenizer
     kv = 2 * 2 * (8 + 2) * 8 * 4  # keys and values, heads, tokens, dims, bytes
     state = 2 * (2 * 8) * (8 + 1) * 4  # heads, phi dims, dims + normaliser, bytes
     assert r["peak_cache_bytes"] == 2 * (kv + state)
+
+
+def test_two_process_evolve_equals_one_process(tiny_dirs, tmp_path):
+    """torchrun --nproc_per_node 2: each generation's candidates split over the ranks, the same CMA-ES step on
+    both; with the threads pinned, the history (less wall times) and the parameters file equal one process's,
+    byte for byte, and rank 0 alone writes."""
+    import subprocess
+    import sys
+
+    args = ["evolve", str(tiny_dirs["llama"]), "--data", str(WIKI_TEST), "--task", "ppl", "--context", "96",
+            "--score-from", "48", "--budget", "0.25", "--interval", "16", "--population", "5", "--generations", "2",
+            "--sigma", "0.5", "--seed", "0", "--threads", "1", "--json"]
+    launch = {1: [sys.executable, "-m", "attnswap"],
+              2: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
+                  "-m", "attnswap"]}
+    runs = {}
+    for n, cmd in launch.items():
+        proc = subprocess.run([*cmd, *args, "--out", str(tmp_path / f"ev{n}")], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[n] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted((r["world_size"], r["rank"]) for r in runs[2]) == [(2, 0), (2, 1)]
+    assert runs[1][0]["evaluations"] == runs[2][0]["evaluations"] and runs[1][0]["generations"] == 2
+
+    def timeless(d):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in json.loads((d / "evolve.json").read_text())["history"]]
+
+    assert timeless(tmp_path / "ev2") == timeless(tmp_path / "ev1")
+    assert (tmp_path / "ev2" / "namm.safetensors").read_bytes() == (tmp_path / "ev1" / "namm.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev1", "ev2"]  # no second output, no leftovers

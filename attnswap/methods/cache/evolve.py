@@ -8,6 +8,7 @@ computes, so the result is the same for a fixed seed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ... import faults, outputs
+from ... import faults, outputs, parallel
 from ...errors import AttnswapError, NumericalError
 from ...surgery import method_modules
 from .cmaes import CMAES
@@ -58,14 +59,20 @@ def fitness(model, tokenizer, task: str, data: str, theta: np.ndarray, **task_kw
 
 def evolve(model, tokenizer, *, task: str, data: str, out: str | os.PathLike, generations: int, population: int,
            sigma: float = 0.1, seed: int = 0, resume: bool = False, force: bool = False, progress: bool = True,
-           task_kw: dict | None = None, log=None, init: str | os.PathLike | None = None, protect=()) -> dict:
+           task_kw: dict | None = None, log=None, init: str | os.PathLike | None = None, protect=(),
+           threads: int | None = None) -> dict:
     """Run CMA-ES over the parameters of the model's cache policy, starting from the policy's
     `initial_params()` or from the parameters file `init` (incremental evolution: a vector evolved on one
     setting, refined on another, as the NAMM paper does between its stages).
 
     The run works in a resumable run directory beside `out` (`outputs.writing` with progress): each
     generation's state and parameters are written atomically there; the finished run is swapped in as `out`.
-    `resume` continues an interrupted run (or a finished one, for more generations)."""
+    `resume` continues an interrupted run (or a finished one, for more generations).
+
+    Under torchrun, each generation's candidates are split over the ranks (each pinned to `threads` intra-op
+    threads, by default the cores shared by the processes): every rank takes the same CMA-ES step from the
+    gathered scores, so the history and parameters are those of one process with the same threads; rank 0
+    alone writes."""
     if task not in TASKS:
         raise AttnswapError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
     policies, _ = evolvable_policy(model)
@@ -75,10 +82,13 @@ def evolve(model, tokenizer, *, task: str, data: str, out: str | os.PathLike, ge
                 "init": None if init is None else str(init)}
     x0 = None if resume else (cls.initial_params() if init is None else cls.load_params(init)).double().numpy()
     params = params_file(cls)
-    with outputs.writing(out, force=force, resume=resume, protect=protect, label="evolve", progress=STATE,
-                         carry=(STATE, params)) as run:
+    size, rank = parallel.world()
+    parallel.pin_threads(threads)
+    writing = (outputs.writing(out, force=force, resume=resume, protect=protect, label="evolve", progress=STATE,
+                               carry=(STATE, params)) if rank == 0 else contextlib.nullcontext(None))
+    with writing as run:
         if resume:
-            saved = _read_state(run / STATE)
+            saved = parallel.broadcast(_read_state(run / STATE) if rank == 0 else None)
             if saved["settings"] != settings:
                 changed = [k for k in settings if saved["settings"].get(k) != settings[k]]
                 raise AttnswapError(f"--resume with different {', '.join(changed)} than the run of {out}; use the "
@@ -91,14 +101,16 @@ def evolve(model, tokenizer, *, task: str, data: str, out: str | os.PathLike, ge
             es = CMAES(x0, sigma, popsize=population, seed=seed)
             es.best_f, es.best_x = fitness(model, tokenizer, task, data, x0, **(task_kw or {}))[0], x0.copy()
             history = [{"generation": 0, "best": es.best_f, "start": es.best_f}]
-        bar = tqdm(total=generations, initial=es.generation, desc="evolve", unit="gen", disable=not progress)
+        bar = tqdm(total=generations, initial=es.generation, desc="evolve", unit="gen",
+                   disable=not progress or rank != 0)
         while es.generation < generations:
             t0 = time.perf_counter()
             xs = es.ask()
-            fs = []
-            for x in xs:
-                fs.append(fitness(model, tokenizer, task, data, x, **(task_kw or {}))[0])
+            mine = {}
+            for i in range(rank, len(xs), size):  # this rank's share of the candidates
+                mine[i] = fitness(model, tokenizer, task, data, xs[i], **(task_kw or {}))[0]
                 faults.point("evolve.candidate")
+            fs = parallel.gather_in_order(mine, len(xs))
             if not all(np.isfinite(fs)):
                 raise NumericalError(f"a candidate of generation {es.generation + 1} scored {fs}; nothing of this "
                                      "generation was saved (resume with --resume)")
@@ -106,17 +118,18 @@ def evolve(model, tokenizer, *, task: str, data: str, out: str | os.PathLike, ge
             history.append({"generation": es.generation, "best": es.best_f, "min": float(min(fs)),
                             "mean": float(np.mean(fs)), "sigma": es.sigma,
                             "seconds": round(time.perf_counter() - t0, 1)})
-            _save_progress(run, es, settings, history, cls.name)
+            if rank == 0:
+                _save_progress(run, es, settings, history, cls.name)
             bar.update(1)
             bar.set_postfix(best=f"{es.best_f:.4f}", mean=f"{np.mean(fs):.4f}", sigma=f"{es.sigma:.3f}")
-            if log:
+            if log and rank == 0:
                 log(f"generation {es.generation}: best {es.best_f:.5f}, min {min(fs):.5f}, mean {np.mean(fs):.5f}")
         bar.close()
-        if not (run / params).is_file():  # zero generations asked: the start is the best
+        if rank == 0 and not (run / params).is_file():  # zero generations asked: the start is the best
             _save_progress(run, es, settings, history, cls.name)
     out = outputs.user_path(out)
     return {"out": str(out), "params": str(out / params), "best": es.best_f, "generations": es.generation,
-            "evaluations": es.evaluations, "history": history}
+            "evaluations": es.evaluations, "history": history, "world_size": size, "rank": rank}
 
 
 def _save_progress(run: Path, es: CMAES, settings: dict, history: list, name: str) -> None:

@@ -36,8 +36,10 @@ def test_attnswap_path_equals_lm_eval_hf_on_the_same_items(smollm2_dir, tmp_path
     (found,) = list((tmp_path / "lm-eval").rglob("results*.json"))
     theirs = json.loads(found.read_text())
     assert _acc(ours) == _acc(theirs)
-    acc, _ = _acc(ours)
-    assert 0.25 < acc <= 1.0  # above chance: the model reads the text
+    # above chance (0.25) by the length-normalised score: the model reads the text (raw log-likelihood sums
+    # favour the shorter candidates, so `acc` alone sits near chance on this task)
+    _, acc_norm = _acc(ours)
+    assert 0.4 <= acc_norm <= 1.0
 
 
 def test_converted_model_beside_the_original(tiny_dirs, tmp_path, capsys):

@@ -64,8 +64,14 @@ def main():
     ratio_all = rows[2]["generation_s_median"] / rows[0]["generation_s_median"]
     print(f"\nsame history and parameters ({labels[1]} vs {labels[2]}): {same}")
     print(f"generation time {labels[2]} / {labels[1]}: {ratio:.3f}; / {labels[0]}: {ratio_all:.3f}")
+    if not same:
+        for (h1, h2) in zip(states[labels[1]][0], states[labels[2]][0]):
+            if h1 != h2:
+                print("first difference:", h1, h2)
+                break
     if a.out:
         Path(a.out + ".json").write_text(json.dumps({"args": vars(a), "rows": rows, "same_results": same,
+                                                     "histories": {k: v[0] for k, v in states.items()},
                                                      "ratio_vs_same_threads": ratio, "ratio_vs_all_cores": ratio_all},
                                                     indent=2))
 

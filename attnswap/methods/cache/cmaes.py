@@ -11,6 +11,9 @@ The library saves its state by pickling (and re-seeds its generator on unpicklin
 differ). `state()` is instead the start (x0, sigma0, population, seed), every generation's fitness values and
 the best point: `from_state()` replays ask/tell from the seed with those values, which rebuilds the search
 exactly (the library draws from numpy's seeded RandomState), so an interrupted run resumes to the same result.
+The library's linear algebra (the covariance's eigendecomposition) runs on one BLAS thread: its last bits
+otherwise depend on the thread count, and the next generation's samples with them (a search under torchrun,
+whose workers get OMP_NUM_THREADS=1, would drift from the same search in one process).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import math
 
 import numpy as np
 from cmaes import CMA
+from threadpoolctl import threadpool_limits
 
 
 class CMAES:
@@ -42,11 +46,13 @@ class CMAES:
         return float(self._cma._sigma)  # the library exposes no public step size; reported in the history only
 
     def ask(self) -> np.ndarray:
-        return np.stack([self._cma.ask() for _ in range(self.lam)])
+        with threadpool_limits(limits=1, user_api="blas"):
+            return np.stack([self._cma.ask() for _ in range(self.lam)])
 
     def tell(self, xs: np.ndarray, fs) -> None:
         fs = [float(f) for f in fs]
-        self._cma.tell(list(zip(np.asarray(xs, dtype=np.float64), fs)))
+        with threadpool_limits(limits=1, user_api="blas"):
+            self._cma.tell(list(zip(np.asarray(xs, dtype=np.float64), fs)))
         i = int(np.argmin(fs))
         if fs[i] < self.best_f:
             self.best_f, self.best_x = fs[i], np.asarray(xs[i], dtype=np.float64).copy()

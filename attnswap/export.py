@@ -25,9 +25,8 @@ def card_metadata(section: dict | None, source: dict, causal: bool) -> str:
     from huggingface_hub import ModelCardData
 
     plan = (section or {}).get("plan") or {}
-    methods = sorted({part.get("method") or part.get("policy") for kind in ("attention", "cache", "tuner")
-                      for part in (plan.get(kind) if isinstance(plan.get(kind), list) else [plan.get(kind)])
-                      if part})
+    parts = [*(plan.get("attention") or []), plan.get("cache"), plan.get("tuner")]
+    methods = sorted({part.get("method") or part.get("policy") for part in parts if part})
     data = ModelCardData(base_model=source.get("base_model"), license=source.get("license"),
                          language=source.get("language"), library_name="attnswap" if section else "transformers",
                          pipeline_tag="text-generation" if causal else "feature-extraction",

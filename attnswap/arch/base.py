@@ -66,11 +66,19 @@ class ArchAdapter:
         return sorted(found, key=lambda s: s.index)
 
     def geometry(self, config) -> Geometry:
-        raise NotImplementedError
+        """Heads, KV heads (GQA; all heads when the config names none), head size (the config's `head_dim`,
+        else hidden / heads), hidden size, read through transformers' standard config names."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return Geometry(config.num_attention_heads, kv, head_dim, config.hidden_size)
 
     def projections(self, model: nn.Module, site: Site) -> dict[str, Projection]:
-        """q, k, v, o of one site as nn.Linear-layout weights (views, not copies)."""
-        raise NotImplementedError
+        """q, k, v, o of one site as nn.Linear-layout weights (views, not copies): each projection module's
+        rows of its slice (a family with other layouts, e.g. GPT-2's Conv1D, overrides this)."""
+        out = {}
+        for target, (module, sl) in self.projection_modules(model, site).items():
+            out[target] = Projection(module.weight[sl], None if module.bias is None else module.bias[sl])
+        return out
 
     def layer_window(self, site: Site) -> int | None:
         """The layer's own sliding window in tokens (Gemma's, ModernBERT's local layers, Mistral/Phi-3's

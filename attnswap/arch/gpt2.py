@@ -1,4 +1,4 @@
-from .base import ArchAdapter, Geometry, Projection
+from .base import ArchAdapter, Projection
 from .registry import register_arch
 
 
@@ -12,10 +12,6 @@ class GPT2Adapter(ArchAdapter):
     positions = "absolute"
     attention_path = r"h\.(\d+)\.attn"
     lora_targets = ("c_attn", "c_proj")
-
-    def geometry(self, config):
-        h = config.hidden_size
-        return Geometry(config.num_attention_heads, config.num_attention_heads, h // config.num_attention_heads, h)
 
     def projections(self, model, site):
         a = site.module

@@ -1,5 +1,5 @@
 from ..errors import AttnswapError
-from .base import ArchAdapter, Geometry
+from .base import ArchAdapter
 from .registry import register_arch
 
 
@@ -17,16 +17,6 @@ class GPTNeoXAdapter(ArchAdapter):
     attention_path = r"layers\.(\d+)\.attention"
     lora_targets = ("query_key_value", "dense")
 
-    def geometry(self, config):
-        h = config.hidden_size
-        return Geometry(config.num_attention_heads, config.num_attention_heads, h // config.num_attention_heads, h)
-
-    def _refuse(self):
+    def projection_modules(self, model, site):
         raise AttnswapError("gpt_neox interleaves q|k|v per head in one matrix: a tuner that adapts q, k or v rows "
                             "cannot be placed on it; use an attention method, or `finetune --lora-r` (PEFT)")
-
-    def projections(self, model, site):
-        self._refuse()
-
-    def projection_modules(self, model, site):
-        self._refuse()

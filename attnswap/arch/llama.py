@@ -1,9 +1,5 @@
-from .base import ArchAdapter, Geometry, Projection
+from .base import ArchAdapter
 from .registry import register_arch
-
-
-def _linear(m):
-    return Projection(m.weight, m.bias)
 
 
 @register_arch
@@ -20,15 +16,6 @@ class LlamaAdapter(ArchAdapter):
     positions = "rope"
     attention_path = r"layers\.(\d+)\.self_attn"
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-    def geometry(self, config):
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return Geometry(config.num_attention_heads, kv, head_dim, config.hidden_size)
-
-    def projections(self, model, site):
-        a = site.module
-        return {n: _linear(getattr(a, f"{n}_proj")) for n in "qkvo"}
 
     def projection_modules(self, model, site):
         return {n: (getattr(site.module, f"{n}_proj"), slice(None)) for n in "qkvo"}

@@ -1,5 +1,4 @@
-from .base import ArchAdapter, Projection
-from .llama import LlamaAdapter
+from .base import ArchAdapter
 from .registry import register_arch
 
 
@@ -15,20 +14,10 @@ class Phi3Adapter(ArchAdapter):
     attention_path = r"layers\.(\d+)\.self_attn"
     lora_targets = ("qkv_proj", "o_proj")
 
-    def geometry(self, config):
-        return LlamaAdapter().geometry(config)
-
     def _slices(self, config) -> dict[str, slice]:
         g = self.geometry(config)
         q, kv = g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim
         return {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
-
-    def projections(self, model, site):
-        a = site.module
-        out = {n: Projection(a.qkv_proj.weight[sl], None if a.qkv_proj.bias is None else a.qkv_proj.bias[sl])
-               for n, sl in self._slices(a.config).items()}
-        out["o"] = Projection(a.o_proj.weight, a.o_proj.bias)
-        return out
 
     def projection_modules(self, model, site):
         a = site.module

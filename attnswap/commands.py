@@ -225,9 +225,11 @@ def distill(source: str, cfg: DistillConfig, out: str, *, force: bool = False) -
     from .models import load_model, load_tokenizer
 
     guards = outputs.inputs(source, data=cfg.data)
-    outputs.check_out(out, force, guards)
+    writer = outputs.writer_process()  # rank 0 of a multi-process run writes; the others only compute
+    if writer:
+        outputs.check_out(out, force, guards)
     _check_training(source, cfg)
-    with outputs.claim(out, force=force, protect=guards):
+    with outputs.claim(out, force=force, protect=guards) if writer else contextlib.nullcontext():
         return do_distill(load_model(source), load_tokenizer(source), cfg, out, force=force, protect=guards)
 
 

@@ -62,18 +62,29 @@ class ConvertConfig(_Config):
         return calibration(tokenizer, self.calibration, self.calibration_tokens, self.calibration_seq_len, self.seed)
 
 
+Parallel = Literal["ddp", "fsdp"]
+PARALLEL_HELP = ("under torchrun: ddp (every process holds the whole model; gradients averaged) or fsdp (parameters, "
+                 "gradients and optimizer state sharded over the processes per decoder layer and per attention "
+                 "module, torch's FSDP2 fully_shard; gloo on CPU); one process: no difference")
+
+
 class DistillConfig(_Lengths):
     data: str = Field(description="training text: a UTF-8 file, or 'wikitext-train' through datasets",
                       json_schema_extra=PATH)
     tokens: int = Field(gt=0, description="training tokens in all (steps = tokens / (batch_size x seq_len))")
     seq_len: int = Field(1024, ge=2, description="tokens per training sequence")
-    batch_size: int = Field(1, ge=1, description="sequences per step")
+    batch_size: int = Field(1, ge=1, description="sequences per step per process")
     lr: float = Field(1e-2, gt=0, description="Adam learning rate of the attention methods' new parameters")
     seed: int = Field(0, description="seed for the data order")
+    parallel: Parallel = Field("ddp", description=PARALLEL_HELP)
 
     @property
     def steps(self) -> int:
-        return max(1, self.tokens // (self.batch_size * self.seq_len))
+        return self.steps_over(1)
+
+    def steps_over(self, processes: int) -> int:
+        """Optimizer steps when `processes` processes each take `batch_size` sequences per step."""
+        return max(1, self.tokens // (self.batch_size * self.seq_len * processes))
 
 
 class FinetuneConfig(_Lengths):
@@ -94,6 +105,7 @@ class FinetuneConfig(_Lengths):
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     save_every: int = Field(50, ge=1, description="write a resumable checkpoint every N steps")
     seed: int = Field(0, description="seed for LoRA init and data order")
+    parallel: Parallel = Field("ddp", description=PARALLEL_HELP)
     loss: Literal["ce", "kl"] = Field("ce", description="ce: next-token cross-entropy on the text; kl: KL divergence "
                                                       "from the original model's next-token distribution (the teacher "
                                                       "is the same model with its attention methods bypassed and the "

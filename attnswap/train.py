@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import faults, outputs
+from . import faults, outputs, parallel
 from .arch import adapter_for
 from .checkpoint import check_finite, first_non_finite, write_model
 from .config import FinetuneConfig
@@ -64,7 +64,8 @@ def attach_lora(model, cfg: FinetuneConfig):
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The trained tensors, whole (gathered from the ranks where the model is sharded: every rank calls it)."""
+    return {n: parallel.full(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def digest(model) -> str:
@@ -104,13 +105,14 @@ def _set_rng_state(state: dict) -> None:
 # everything else as JSON in state.json: loading a checkpoint never un-pickles anything.
 
 def _flatten_state(optimizer, scheduler, rng: list) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors whole (a sharded optimizer state is gathered: every rank calls it) and the rest as JSON."""
     tensors, meta = {}, {"optimizer": {"state": {}, "param_groups": optimizer.state_dict()["param_groups"]},
                          "scheduler": {}, "rng": []}
     for idx, slots in optimizer.state_dict()["state"].items():
         meta["optimizer"]["state"][str(idx)] = {}
         for k, v in slots.items():
             if torch.is_tensor(v):
-                tensors[f"optimizer.{idx}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"optimizer.{idx}.{k}"] = parallel.full(v.detach()).cpu().contiguous()
                 meta["optimizer"]["state"][str(idx)][k] = "tensor"
             else:
                 meta["optimizer"]["state"][str(idx)][k] = v
@@ -140,15 +142,15 @@ def _unflatten_state(tensors: dict, meta: dict) -> tuple[dict, dict, list]:
     return optim, meta["scheduler"], rng
 
 
-def _save_checkpoint(run: Path, step: int, weights: dict[str, torch.Tensor], optimizer, scheduler,
-                     cfg: FinetuneConfig, losses, rng: list, history: list) -> Path:
+def _save_checkpoint(run: Path, step: int, weights: dict[str, torch.Tensor], training: tuple[dict, dict],
+                     cfg: FinetuneConfig, losses, history: list) -> Path:
     """One checkpoint of the (finite: the caller checked) trainable `weights`, atomically: staged as a scratch
     folder inside checkpoints/, given a manifest with checksums, renamed to step-NNNNNN."""
     root = run / CHECKPOINTS
     with outputs.atomic_folder(root / f"step-{step:06d}", label="finetune.checkpoint") as tmp:
         save_file(weights, str(tmp / "trainable.safetensors"))
         faults.point("finetune.checkpoint")
-        tensors, meta = _flatten_state(optimizer, scheduler, rng)
+        tensors, meta = training  # _flatten_state's
         save_file(tensors, str(tmp / "training.safetensors"))
         state = {"step": step, "config": cfg.model_dump(), "losses": losses, "resumes": history, **meta}
         (tmp / "state.json").write_text(json.dumps(state))
@@ -197,7 +199,11 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int) -> tupl
         raise AttnswapError(f"cannot resume from {ckpt}: it holds '{missing[0]}', which this model does not have")
     with torch.no_grad():
         for name, t in tensors.items():
-            params[name].copy_(t)
+            params[name].copy_(parallel.like(params[name], t))
+    by_index = [p for group in optimizer.param_groups for p in group["params"]]
+    for idx, slots in optim["state"].items():  # whole tensors -> this rank's shards where the model is sharded
+        optim["state"][idx] = {k: parallel.like(by_index[int(idx)], v) if torch.is_tensor(v) else v
+                               for k, v in slots.items()}
     optimizer.load_state_dict(optim)
     scheduler.load_state_dict({**sched, "lr_lambdas": [None] * len(optimizer.param_groups)})
     if rank < len(rng):
@@ -296,6 +302,11 @@ def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, 
     torch.manual_seed(cfg.seed)
     model = attach_lora(model, cfg)
     model.train()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sharded = cfg.parallel == "fsdp" and world > 1
+    if sharded:  # before the optimizer is built: it holds the shards
+        parallel.shard_model(model)
+    shards = parallel.shard_fraction(model) if sharded else None
     own = {id(p) for m in all_method_modules(model) for p in m.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) not in own], "lr": cfg.lr},
@@ -304,7 +315,6 @@ def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, 
     peaks = [g["lr"] for g in groups]  # the optimizer and scheduler rescale g["lr"] from here on
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = _scheduler(optimizer, cfg)
-    world, rank = accelerator.num_processes, accelerator.process_index
     start, losses, history = (0, [], [])
     if ckpt is not None:
         start, losses, history = _load_checkpoint(ckpt, model, optimizer, scheduler, rank)
@@ -318,7 +328,8 @@ def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, 
     methods = list(method_modules(model).values())  # before prepare() wraps the model
     per_step = cfg.batch_size * world
     rows = windows(training_ids(tokenizer, cfg.data, cfg.steps * per_step * cfg.seq_len), cfg.seq_len)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not sharded:  # accelerate's DDP; a sharded model's gradients are already averaged by FSDP
+        model, optimizer = accelerator.prepare(model, optimizer)
 
     bar = tqdm(total=cfg.steps, initial=start, desc="finetune", unit="step",
                disable=not (progress and accelerator.is_main_process))
@@ -339,7 +350,8 @@ def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, 
             raise TrainingDiverged(f"loss became {mean_loss} at step {step + 1}; stopped before the update, "
                                    f"{where} (resume with --resume and a lower --lr)")
         accelerator.backward(loss)
-        norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+        norm = float(parallel.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if sharded
+                     else accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
         if not math.isfinite(norm):
             raise TrainingDiverged(f"gradient norm became {norm} at step {step + 1}; stopped before the update, "
                                    f"{where} (resume with --resume and a lower --lr)")
@@ -360,14 +372,15 @@ def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, 
             if bad is not None:
                 raise TrainingDiverged(f"'{bad}' became non-finite by step {done}; not saved, {where} (resume "
                                        "with --resume and a lower --lr)")
+            training = _flatten_state(optimizer, scheduler, rng)
             if accelerator.is_main_process:
-                last_ckpt = _save_checkpoint(run, done, weights, optimizer, scheduler, cfg, losses, rng, history)
+                last_ckpt = _save_checkpoint(run, done, weights, training, cfg, losses, history)
             accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(done, mean_loss)
     bar.close()
 
-    model = accelerator.unwrap_model(model)
+    model = parallel.unshard(accelerator.unwrap_model(model))
     model.eval()
     result = {
         "steps": cfg.steps,
@@ -381,6 +394,9 @@ def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, 
         "loss_end_mean": round(sum(losses[-10:]) / len(losses[-10:]), 4) if losses else None,
         "world_size": world,
         "rank": rank,
+        "parallel": cfg.parallel if world > 1 else None,
+        # this rank's share of the parameters' elements while training (fsdp), else null
+        "shard_fraction": shards,
         "digest": digest(model),
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -3,6 +3,8 @@
 Every attention module of a converted model calls `attnswap_attention`. What runs is read from the module
 itself and from one explicit argument:
 - the module's attention method (its `attnswap` submodule), else plain SDPA (the original attention);
+- the module's score modifier (its `attnswap_scores` submodule), handed to that attention as the keyword
+  argument `attnswap_score_modifier`;
 - the layer's cache layer, when it is one of attnswap's (a method's own decoding state, or a cache policy's
   pruned cache): a forward pre-hook on the attention module (`cache_hook`) takes it from the cache object by
   layer index and passes it as the keyword argument `attnswap_cache_layer`, which transformers forwards to the
@@ -17,17 +19,21 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 IMPLEMENTATION = "attnswap"
 # the keyword argument that carries a layer's attnswap cache layer into the attention function
 CACHE_LAYER = "attnswap_cache_layer"
+# the keyword argument that carries a layer's score modifier (its `attnswap_scores` submodule) to the attention
+SCORE_MODIFIER = "attnswap_score_modifier"
 # the attribute of an attention module that holds the probes attached to it for a while: each probe is called
 # as probe(module, out, query, key, value) -> out
 PROBES = "attnswap_probes"
 
 
 def exact_attention(module, query, key, value, attention_mask, **kwargs):
-    """The original softmax attention: SDPA, or with the logits soft-capped (Gemma 2's `softcap`, which SDPA
-    cannot apply) in plain PyTorch. The mask is SDPA's: boolean [B, 1, Tq, Tk] (True = attend), or None with
-    causality from the module."""
+    """The original softmax attention: SDPA, or in plain PyTorch where the logits are soft-capped (Gemma 2's
+    `softcap`, which SDPA cannot apply) or changed by the layer's score modifier (keyword `SCORE_MODIFIER`,
+    applied after the cap, before the mask). The mask is SDPA's: boolean [B, 1, Tq, Tk] (True = attend), or
+    None with causality from the module."""
     softcap = kwargs.pop("softcap", None)
-    if softcap is None:
+    modifier = kwargs.pop(SCORE_MODIFIER, None)
+    if softcap is None and modifier is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     import torch
 
@@ -37,8 +43,12 @@ def exact_attention(module, query, key, value, attention_mask, **kwargs):
     groups = query.shape[1] // key.shape[1]
     k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     logits = torch.matmul(query, k.transpose(2, 3)) * scaling
-    logits = torch.tanh(logits / softcap) * softcap
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     tq, tk = query.shape[2], key.shape[2]
+    if modifier is not None:  # queries are the last tq of the tk keys
+        pos = torch.arange(tk, device=query.device)
+        logits = modifier.modify(logits, pos[tk - tq:], pos)
     if attention_mask is not None:
         mask = attention_mask[..., :tk]
         if mask.dtype != torch.bool:
@@ -50,7 +60,7 @@ def exact_attention(module, query, key, value, attention_mask, **kwargs):
         mask = None
     if mask is not None:
         logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
-    weights = torch.softmax(logits.float(), dim=-1).to(query.dtype)
+    weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(query.dtype)
     return torch.matmul(weights, v).transpose(1, 2).contiguous(), None
 
 
@@ -58,7 +68,11 @@ def attnswap_attention(module, query, key, value, attention_mask, **kwargs):
     layer = kwargs.pop(CACHE_LAYER, None)
     method = getattr(module, "attnswap", None)
     if method is not None and method.bypass:
-        method = None
+        method = None  # the original attention, without the layer's score modifier: the teacher of distill
+    else:
+        modifier = getattr(module, "attnswap_scores", None)
+        if modifier is not None:  # the plan allows it only beside attention that forms scores (takes_scores)
+            kwargs[SCORE_MODIFIER] = modifier
     if layer is not None:
         out = layer.attend(module, query, key, value, attention_mask, method=method, **kwargs)
     elif method is not None:

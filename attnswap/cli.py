@@ -177,7 +177,7 @@ def _resume(help_text: str):
 def list_cmd(source: Optional[str] = typer.Argument(None, help="a model: show its plan (methods per layer, options, "
                                                                 "what was measured) instead of the method tables"),
              as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
-    """Methods of each kind (attention, cache, tuner) with the architectures and directions each supports, what
+    """Methods of each kind (attention, cache, tuner, scores) with the architectures and directions each supports, what
     they train and their options; the model aliases."""
     from .models import describe_aliases
 
@@ -191,7 +191,8 @@ def list_cmd(source: Optional[str] = typer.Argument(None, help="a model: show it
         return _emit(r, as_json, human)
     methods = commands.list_methods()
     lines = []
-    titles = {"attention": "attention methods", "cache": "cache policies", "tuner": "tuners"}
+    titles = {"attention": "attention methods", "cache": "cache policies", "tuner": "tuners",
+              "scores": "score modifiers"}
     for kind, rows in methods.items():
         lines += [f"{titles[kind]}:", f"  {'name':<16} {'architectures':<18} {'directions':<22} "
                   f"{'new params/layer*':>17}  trains"]

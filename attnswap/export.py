@@ -25,7 +25,7 @@ def card_metadata(section: dict | None, source: dict, causal: bool) -> str:
     from huggingface_hub import ModelCardData
 
     plan = (section or {}).get("plan") or {}
-    parts = [*(plan.get("attention") or []), plan.get("cache"), plan.get("tuner")]
+    parts = [*(plan.get("attention") or []), plan.get("cache"), plan.get("tuner"), plan.get("scores")]
     methods = sorted({part.get("method") or part.get("policy") for part in parts if part})
     data = ModelCardData(base_model=source.get("base_model"), license=source.get("license"),
                          language=source.get("language"), library_name="attnswap" if section else "transformers",

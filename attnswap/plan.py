@@ -6,6 +6,7 @@ policy, an optional tuner; written as YAML (`attnswap convert SRC --plan plan.ya
       - {layers: 15-29, method: mra, options: {block_budget: 0.5}}
     cache: {policy: h2o, budget: 0.25, interval: 512}
     tuner: {method: lora-ensemble, options: {members: 4}}
+    scores: {method: gmm-mask, layers: all}   # a score modifier on the layers' softmax attention
 
 `--to METHOD --set k=v --layers L` is the one-method shorthand (`shorthand`). A plan is validated as a whole
 (`resolve`) before anything runs. It is stored in config.json's `attnswap` section with a schema version
@@ -14,7 +15,10 @@ policy, an optional tuner; written as YAML (`attnswap convert SRC --plan plan.ya
 Composition rule (docs/architecture.md): a cache policy prunes the KV cache of every layer whose attention
 reads one, i.e. layers that keep the original attention and layers whose method is `prunable` (it runs over
 the kept entries, in position order); layers whose method decodes from a state of its own (linear) keep it.
-A policy that would prune no layer, or runs without a budget on a converted layer, is an error.
+A policy that would prune no layer, or runs without a budget on a converted layer, is an error. A score
+modifier applies to the layers it names, each of which must run softmax attention that forms scores (the
+original attention, or a method with `takes_scores`), and not beside a cache policy (pruning would break the
+positions it reads).
 """
 from __future__ import annotations
 
@@ -92,10 +96,17 @@ class TunerEntry(_Spec):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class ScoresEntry(_Spec):
+    method: str = Field(description="score modifier (attnswap list)")
+    layers: str | int | list[int] = Field("all", description="layers whose attention scores it modifies")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class PlanSpec(_Spec):
     attention: list[AttentionEntry] = Field(default_factory=list)
     cache: CacheEntry | None = None
     tuner: TunerEntry | None = None
+    scores: ScoresEntry | None = None
 
 
 @dataclass
@@ -119,11 +130,13 @@ class Plan:
     attention: list[Part]
     cache: Part | None
     tuner: Part | None
+    scores: Part | None = None
 
     def parts(self) -> list[tuple[str, Part]]:
         """(key in the section, part) for every part, attention entries first."""
         out = [(f"attention.{i}", p) for i, p in enumerate(self.attention)]
-        return out + [(k, p) for k, p in (("cache", self.cache), ("tuner", self.tuner)) if p is not None]
+        return out + [(k, p) for k, p in (("cache", self.cache), ("tuner", self.tuner), ("scores", self.scores))
+                      if p is not None]
 
     def method_at(self, layer: int) -> Part | None:
         return next((p for p in self.attention if layer in p.layers), None)
@@ -131,7 +144,8 @@ class Plan:
     def to_dict(self) -> dict:
         return {"attention": [p.entry() for p in self.attention],
                 "cache": self.cache.entry() if self.cache else None,
-                "tuner": self.tuner.entry() if self.tuner else None}
+                "tuner": self.tuner.entry() if self.tuner else None,
+                **({"scores": self.scores.entry()} if self.scores else {})}
 
 
 def parse_layers(spec: str | int | list[int] | None, n_layers: int, what: str = "--layers") -> list[int]:
@@ -165,6 +179,8 @@ def shorthand(method: str, options: dict | None = None, layers=None) -> dict:
             raise AttnswapError(f"--layers does not apply to cache policy '{method}' (it prunes every layer that "
                                 "reads a KV cache); write a plan to combine it with attention methods per layer")
         return {"cache": {"policy": method, "options": options}}
+    if cls.kind == "scores":
+        return {"scores": {"method": method, "layers": "all" if layers is None else layers, "options": options}}
     return {"tuner": {"method": method, "layers": "all" if layers is None else layers, "options": options}}
 
 
@@ -202,8 +218,8 @@ def resolve(data: dict | PlanSpec, adapter, n_layers: int) -> Plan:
 
     s = spec(data)
     registries = kinds()
-    if not s.attention and s.cache is None and s.tuner is None:
-        raise AttnswapError("the plan is empty: give attention entries, a cache policy or a tuner")
+    if not s.attention and s.cache is None and s.tuner is None and s.scores is None:
+        raise AttnswapError("the plan is empty: give attention entries, a cache policy, a tuner or a score modifier")
     attention, owner = [None] * len(s.attention), {}
     autos = [i for i, e in enumerate(s.attention) if isinstance(e.layers, AutoLayers)]
     if len(autos) > 1:
@@ -252,7 +268,23 @@ def resolve(data: dict | PlanSpec, adapter, n_layers: int) -> Plan:
         opts = cls.parse_options(s.tuner.options)
         cls.check_supported(adapter, opts)
         tuner = Part(cls, opts, parse_layers(s.tuner.layers, n_layers, f"layers of tuner {s.tuner.method}"))
-    return Plan(attention, cache, tuner)
+    scores = None
+    if s.scores is not None:
+        cls = registries["scores"].get(s.scores.method)
+        opts = cls.parse_options(s.scores.options)
+        cls.check_supported(adapter, opts)
+        layers = parse_layers(s.scores.layers, n_layers, f"layers of score modifier {s.scores.method}")
+        for layer in layers:
+            if layer in owner and not _part(attention, layer).cls.takes_scores:
+                able = ", ".join(n for n, c in registries["attention"].all().items() if c.takes_scores)
+                raise AttnswapError(f"score modifier '{cls.name}' needs softmax scores, but layer {layer} runs "
+                                    f"'{owner[layer]}', which forms none; put it on layers with the original "
+                                    f"attention or {able}")
+        if cache is not None:
+            raise AttnswapError(f"score modifier '{cls.name}' reads relative positions, which a pruned KV cache "
+                                f"(cache policy '{cache.cls.name}') no longer keeps; use one or the other")
+        scores = Part(cls, opts, layers)
+    return Plan(attention, cache, tuner, scores)
 
 
 def _part(attention: list[Part], layer: int) -> Part:
@@ -344,6 +376,11 @@ def describe(sec: dict) -> list[str]:
         lines.append(f"cache policy {c['policy']}: {budget}, every {o.get('interval')} tokens"
                      + (f", on layers {compact(where)}" if where is not None else "") + f"; {o}")
         lines += [f"  {x}" for x in cls.describe(c, prepared.get("cache", {}))]
+    if plan.get("scores"):
+        m = plan["scores"]
+        cls = registries["scores"].get(m["method"])
+        lines.append(f"score modifier {m['method']} on layers {compact(m.get('layers', 'all'))}: {m['options']}")
+        lines += [f"  {x}" for x in cls.describe(m, prepared.get("scores", {}))]
     if plan.get("tuner"):
         t = plan["tuner"]
         cls = registries["tuner"].get(t["method"])

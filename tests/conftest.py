@@ -82,3 +82,17 @@ def outputs(model, ids):
     with torch.no_grad():
         out = model(input_ids=ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def decoding_error(model, ids, prefill: int) -> float:
+    """Largest difference between the logits of decoding ids [1, T] one token at a time after a prefill of
+    `prefill` tokens (with the model's cache) and a fresh full pass over the same prefix."""
+    worst = 0.0
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :prefill], use_cache=True).cache
+        for t in range(prefill, ids.shape[1]):
+            step = model(input_ids=ids[:, t: t + 1], cache=cache, use_cache=True)
+            cache = step.cache
+            full = model(input_ids=ids[:, : t + 1]).logits[:, -1]
+            worst = max(worst, float((step.logits[:, -1] - full).abs().max()))
+    return worst

@@ -22,3 +22,7 @@ def test_list_shows_every_registered_method_of_every_kind(capsys):
     # bitfit: a bias on q (576), k (192), v (192), o (576) at SmolLM2's shapes
     assert {r["name"]: r for r in listed["tuner"]}["bitfit"]["trainable_params_per_layer_smollm2"] == 1536
     assert [r["name"] for r in listed["cache"] if r["evolvable"]] == ["namm"]
+    # lln: alpha per head (9), beta per KV head (3), a mix factor per head (9)
+    assert attention["lln"]["trainable_params_per_layer_smollm2"] == 21
+    # gmm-mask: an amplitude and a width per Gaussian (3) per head (9)
+    assert {r["name"]: r for r in listed["scores"]}["gmm-mask"]["trainable_params_per_layer_smollm2"] == 54

@@ -20,6 +20,14 @@ def test_blockwise_window_terms_equal_the_dense_definition(t, w, s):
     assert_close("o", a2 / c2[..., None], a / c[..., None], 1e-6)
 
 
+def random_qkv(geo, t: int, batch: int = 2, seed: int = 1):
+    """q [B, H, T, D], k and v [B, Hkv, T, D] from N(0, 1) at a layer's geometry."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, geo.num_heads, t, geo.head_dim, generator=g)
+    k, v = (torch.randn(batch, geo.num_kv_heads, t, geo.head_dim, generator=g) for _ in range(2))
+    return q, k, v
+
+
 def dense_hybrid(variant, q, k, v, scale):
     """The module docstring's formula with T x T masks: an independent check of the composition."""
     o = variant.options
@@ -56,11 +64,7 @@ def test_causal_composition_equals_the_dense_formula(tiny_dirs, name, opts):
     attnswap.convert(model, "linear", **opts)
     variant = next(iter(method_modules(model).values()))
     geo = variant.geometry
-    g = torch.Generator().manual_seed(1)
-    t = 45
-    q = torch.randn(2, geo.num_heads, t, geo.head_dim, generator=g)
-    k = torch.randn(2, geo.num_kv_heads, t, geo.head_dim, generator=g)
-    v = torch.randn(2, geo.num_kv_heads, t, geo.head_dim, generator=g)
+    q, k, v = random_qkv(geo, t=45)
     with torch.no_grad():
         got = variant.attend(q, k, v, 0.35)
         want = dense_hybrid(variant, q, k, v, 0.35)

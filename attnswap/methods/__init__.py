@@ -1,8 +1,9 @@
-"""Methods, in three kinds, each with its own small base class and registry (one file per method):
+"""Methods, in four kinds, each with its own small base class and registry (one file per method):
 
 - `attention` (`AttentionMethod`): computes a layer's attention from its q, k, v;
 - `cache` (`CachePolicy`): decides which KV entries a layer keeps during prefill and decoding;
-- `tuners` (`Tuner`): adds trainable weight paths to a layer's projections.
+- `tuners` (`Tuner`): adds trainable weight paths to a layer's projections;
+- `scores` (`ScoreModifier`): changes the scores of a layer's softmax attention before the softmax.
 
 A converted model carries a plan (`attnswap.plan`) that names methods of each kind. The CLI, the docs and the
 tests find methods through `KINDS` and nothing else.
@@ -19,7 +20,7 @@ from ..errors import AttnswapError, did_you_mean, first_validation_error
 
 
 # the attribute of an attention module that holds each kind's instance (and so its state-dict prefix)
-ATTRS = {"attention": "attnswap", "cache": "attnswap_cache", "tuner": "attnswap_tuner"}
+ATTRS = {"attention": "attnswap", "cache": "attnswap_cache", "tuner": "attnswap_tuner", "scores": "attnswap_scores"}
 
 
 class Options(BaseModel):
@@ -127,12 +128,13 @@ class Registry:
 
 
 def kinds() -> dict[str, Registry]:
-    """kind -> registry: attention, cache, tuner."""
+    """kind -> registry: attention, cache, tuner, scores."""
     from .attention import REGISTRY as attention
     from .cache import REGISTRY as cache
+    from .scores import REGISTRY as scores
     from .tuners import REGISTRY as tuners
 
-    return {r.kind: r for r in (attention, cache, tuners)}
+    return {r.kind: r for r in (attention, cache, tuners, scores)}
 
 
 def find(name: str) -> type:

@@ -34,6 +34,9 @@ class AttentionMethod(Method, nn.Module):
     # layers, ModernBERT's, Mistral's), which arrives in that mask, holds; False for one that reads only the
     # padding from it (it cannot be placed on such a layer)
     uses_mask: ClassVar[bool] = True
+    # True if the method forms explicit softmax scores and hands them to the layer's score modifier (it passes
+    # the attention function's keyword arguments on to `exact_attention`, which applies it)
+    takes_scores: ClassVar[bool] = False
     # True if the method honours the model's soft-capping of the attention logits (Gemma 2's `softcap`)
     softcap: ClassVar[bool] = False
 

@@ -90,8 +90,8 @@ class LinearAttention(AttentionMethod):
     def check_supported(cls, adapter, options=None):
         super().check_supported(adapter, options)
         if options is not None and not adapter.causal and options.window > 0:
-            raise AttnswapError("linear: window > 0 is implemented for causal models only; use --set window=0 on "
-                                f"{adapter.name} (bidirectional) models")
+            raise AttnswapError(f"{cls.name}: window > 0 is implemented for causal models only; use --set window=0 "
+                                f"on {adapter.name} (bidirectional) models")
 
     def __init__(self, options, site, geometry, adapter):
         super().__init__(options, site, geometry, adapter)

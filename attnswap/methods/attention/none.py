@@ -14,6 +14,7 @@ from .base import AttentionMethod
 class NoChange(AttentionMethod):
     name = "none"
     softcap = True
+    takes_scores = True
     summary = "the original softmax attention (SDPA), written into a plan to keep layers exact"
     exact = True
 

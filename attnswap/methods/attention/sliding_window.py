@@ -34,6 +34,7 @@ def band_mask(q_len: int, kv_len: int, window: int, sinks: int, causal: bool, de
 class SlidingWindow(AttentionMethod):
     name = "sliding-window"
     softcap = True
+    takes_scores = True
     summary = "exact softmax over a local window plus sink tokens (StreamingLLM)"
     Options = SlidingWindowOptions
 

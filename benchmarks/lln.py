@@ -82,8 +82,11 @@ def main():
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--arms", default="hedgehog,elu,lln")
     p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--mix-init", type=float, default=HYBRID["mix_init"], help="initial weight of the exact terms, "
+                   "every arm")
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    HYBRID["mix_init"] = a.mix_init
     tok = attnswap.load_tokenizer(a.model)
     cal = calibration(tok, TRAIN, tokens=4096, seq_len=512)
     window = encode(tok, read_text(TEST))[:512][None]

@@ -116,7 +116,7 @@ class LinearAttention(AttentionMethod):
     def forward(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
         # with the linear-state cache, the attention function calls `LinearStateLayer.attend` instead
         if query.shape[2] != key.shape[2]:
-            raise AttnswapError("linear: decoding needs the linear-state cache (attnswap.generation.make_cache); "
+            raise AttnswapError(f"{self.name}: decoding needs the linear-state cache (attnswap.generation.make_cache); "
                                 "a plain KV cache holds no feature-map state")
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = self.attend(query, key, value, scale, key_padding_keep(attention_mask))  # [B, H, T, D]

@@ -260,7 +260,7 @@ def finetune(model, tokenizer, cfg: FinetuneConfig, out: str | os.PathLike, *, r
     `resume`; the finished run (model, checkpoints, losses) is swapped in as `out` at the end.
     `on_step(step, loss)` is called after each optimizer step (1-based step), e.g. for logging.
     """
-    if method_modules(model, "tuner"):
+    if any(t.adapts for t in method_modules(model, "tuner").values()):
         cfg = cfg.model_copy(update={"lora_r": 0})  # the plan's tuner is the adapter: no PEFT LoRA on top of it
     accelerator = _accelerator()
     writer = accelerator.is_main_process  # only it writes; the others compute and read its run directory

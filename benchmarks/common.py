@@ -62,3 +62,13 @@ def speed_table(results, ms_digits: int = 1) -> str:
         peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
         lines.append(f"| {r['T']} | {r['mode']} | {r['method']} | {r['ms']:.{ms_digits}f} | {ratio:.2f} | {peak} |")
     return "\n".join(lines)
+
+
+def write_json(results: dict, out: str | None) -> None:
+    """Write `results` to <out>.json (creating its folder); nothing when `out` is None."""
+    if out:
+        import json
+        from pathlib import Path
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out + ".json").write_text(json.dumps(results, indent=2))

@@ -28,6 +28,7 @@ from attnswap.config import FinetuneConfig
 from attnswap.evaluate import perplexity
 from attnswap.surgery import method_modules
 from attnswap.train import finetune
+from common import write_json
 
 
 def plan(arm: str, window: int) -> dict | None:
@@ -89,9 +90,7 @@ def main():
     for arm, r in results["arms"].items():
         print(f"| {arm} | {r['before']:.3f} | {r['after']:.3f} | {r['after'] / base:.3f} | {r['train_seconds']} |")
     print(f"wall {results['wall_seconds']} s")
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out + ".json").write_text(json.dumps(results, indent=2))
+    write_json(results, a.out)
 
 
 if __name__ == "__main__":

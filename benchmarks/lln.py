@@ -17,9 +17,7 @@ and the spectral gap 1 - s2 / s1 (singular values of the row-stochastic matrix).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -30,6 +28,7 @@ from attnswap.distill import distill
 from attnswap.evaluate import perplexity
 from attnswap.methods.attention.analysis import recording
 from attnswap.surgery import method_modules
+from common import write_json
 
 TEST = "../shared/data/wikitext2-test.txt"
 TRAIN = "../shared/data/train-wikipedia-enwiki2021.txt"
@@ -126,9 +125,7 @@ def main():
     for arm, r in results["arms"].items():
         print(f"| {arm} | {mean(r['concentration'], 'map_entropy'):.3f} | {mean(r['concentration'], 'map_gap'):.3f} |")
     print(f"wall {results['wall_seconds']} s")
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out + ".json").write_text(json.dumps(results, indent=2))
+    write_json(results, a.out)
 
 
 if __name__ == "__main__":

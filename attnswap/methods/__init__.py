@@ -85,6 +85,13 @@ class Method:
         return sum(p.numel() for p in module.trainable_parameters())
 
 
+def require_calibration(calibration, what: str) -> None:
+    """One-line error for a method whose `prepare` measures the model on calibration text it was not given."""
+    if calibration is None:
+        raise AttnswapError(f"{what} on calibration text: pass --calibration FILE (API: "
+                            "calibration=attnswap.data.calibration(tokenizer, FILE))")
+
+
 class Prepared:
     """What `Method.prepare` resolved: options, a record of the measurement, buffer values to load."""
 

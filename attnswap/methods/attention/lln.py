@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ...errors import AttnswapError
-from .. import Options, Prepared
+from .. import Options, Prepared, require_calibration
 from . import register
 from .base import AttentionMethod
 from .linear import LinearAttention
@@ -42,8 +42,9 @@ MAX_EXPONENT = 30.0
 class LLNOptions(Options):
     window: int = Field(64, ge=0, description="exact softmax over the last w tokens (0: pure LLN attention)")
     sinks: int = Field(4, ge=0, description="first tokens kept exact for every query (attention sinks)")
-    mix_init: float = Field(0.5, gt=0, lt=1, description="initial weight g of the exact (window) terms (0.5: the "
-                                                         "kernel is calibrated to the softmax's scale, q_offset)")
+    mix_init: float = Field(0.9, gt=0, lt=1, description="initial weight g of the exact (window) terms (0.9 "
+                                                         "measured better untrained than 0.5 on SmolLM2, equal after "
+                                                         "distillation: docs/methods/lln.md)")
     chunk: int = Field(64, ge=16, description="chunk length of the causal linear-attention kernel (power of 2)")
     train_temperature: bool = Field(True, description="alpha and beta train with distill / finetune (false: kept "
                                                       "at the moment-matched values)")
@@ -92,9 +93,7 @@ class LLNAttention(LinearAttention):
     def prepare(cls, model, options, layers, calibration=None):
         if options.calibration is not None:
             return Prepared(options)
-        if calibration is None:
-            raise AttnswapError("lln measures its temperatures on calibration text: pass --calibration FILE (API: "
-                                "calibration=attnswap.data.calibration(tokenizer, FILE))")
+        require_calibration(calibration, "lln measures its temperatures")
         stats = measure(model, calibration.ids, layers)
         resolved = {}
         for layer, s in stats.items():
@@ -208,7 +207,8 @@ def offsets(model, ids: torch.Tensor, resolved: dict, window: int, sinks: int) -
     """Per layer [H]: the mean over queries of log(sum over the query's linear keys of phi_q . phi_k) minus
     log(sum over the same keys of exp(q.k x scale - m)), m the maximum over its exact keys (window + sinks): what
     the attention's exact terms are measured in (`window_softmax_terms`). Subtracted from the queries' exponent, it
-    puts the kernel on the softmax's scale, so mix 0.5 weighs the two parts as the original's one softmax does."""
+    puts the kernel on the softmax's scale, so a mix of 0.5 would weigh the two parts as the original's one softmax
+    does."""
     if window == 0 and sinks == 0:
         return {}  # no exact terms: the kernel's scale cancels in its own normaliser
     sums: dict[int, torch.Tensor] = {}

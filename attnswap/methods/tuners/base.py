@@ -21,6 +21,9 @@ TARGETS = ("q", "k", "v", "o")
 
 class Tuner(Method, nn.Module):
     kind = "tuner"
+    # True: the tuner is the fine-tuning adapter (`finetune` trains it and adds no PEFT LoRA); False for a tuner
+    # that only rewrites the weights at conversion (lowrank), after which `finetune` adds LoRA as usual
+    adapts: ClassVar[bool] = True
 
     def __init__(self, options: Options, site, geometry, adapter):
         super().__init__()
@@ -64,14 +67,7 @@ class Tuner(Method, nn.Module):
             tuner = tuners.get(site.path)
             if tuner is None:
                 continue
-            grouped: list[tuple[nn.Module, list]] = []  # one hook per module (GPT-2 fuses q|k|v in one)
-            for t, (module, sl) in adapter.projection_modules(model, site).items():
-                if t in tuner.targets():
-                    group = next((g for g in grouped if g[0] is module), None)
-                    if group is None:
-                        grouped.append(group := (module, []))
-                    group[1].append((t, sl))
-            for module, parts in grouped:
+            for module, parts in grouped_projections(adapter, model, site, tuner.targets()):
                 handles.append(module.register_forward_hook(ProjectionHook(tuner, parts)))
         if hasattr(options, "members"):  # a tuner with a member axis (even of one member: the same outputs)
             split = getattr(options, "batch_mode", "repeat") == "split"
@@ -80,6 +76,19 @@ class Tuner(Method, nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.options.model_dump().items())
+
+
+def grouped_projections(adapter, model: nn.Module, site, targets) -> list[tuple[nn.Module, list[tuple[str, slice]]]]:
+    """The target projections of a site grouped by the module computing them: [(module, [(target, slice)])],
+    so that one hook per module sees every slice it computes (GPT-2 fuses q|k|v in one)."""
+    grouped: list[tuple[nn.Module, list]] = []
+    for t, (module, sl) in adapter.projection_modules(model, site).items():
+        if t in targets:
+            group = next((g for g in grouped if g[0] is module), None)
+            if group is None:
+                grouped.append(group := (module, []))
+            group[1].append((t, sl))
+    return grouped
 
 
 class ProjectionHook:

@@ -1,0 +1,64 @@
+"""What sparse causal attention computes, densely (O(T^2) memory: the definition, not a fast path).
+
+After Pagliardini, Paliotta, Jaggi, Fleuret, "Faster Causal Attention Over Large Sequences Through Sparse Flash
+Attention" (arXiv 2306.01160; epfml/dynamic-sparse-flash-attention), two ways to skip score blocks:
+- *hash*: queries and keys carry a bucket id (e.g. an LSH of their direction, `lsh_buckets`); query i attends
+  to the keys j <= i of its own bucket;
+- *qk-drop*: per head, some queries and keys are dropped; a kept query attends to the kept keys j <= i.
+Both modes compose (a kept query attends to kept keys of its bucket). attnswap adds what a converted
+pretrained model needs and what keeps every row defined: every query also attends to the first `sinks`
+keys, to the keys within `window` positions before it, and to its own position (the diagonal), whatever its
+bucket or drop status; a dropped query attends to those only (the cheap path). With one bucket and nothing
+dropped this is causal softmax attention exactly.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def lsh_buckets(x: torch.Tensor, n_buckets: int, seed: int = 0) -> torch.Tensor:
+    """Angular LSH (as in Reformer): x [B, H, T, D] -> bucket ids [B, H, T] in [0, n_buckets), from one random
+    rotation per head, argmax over [xR, -xR]. Queries and keys hashed with the same seed share the rotations.
+    n_buckets must be even, or 1 (every token in bucket 0)."""
+    b, h, t, d = x.shape
+    if n_buckets == 1:
+        return torch.zeros(b, h, t, dtype=torch.long, device=x.device)
+    if n_buckets % 2:
+        raise ValueError("n_buckets must be even (or 1)")
+    g = torch.Generator().manual_seed(seed)
+    rot = torch.randn(h, d, n_buckets // 2, generator=g).to(device=x.device, dtype=torch.float32)
+    proj = torch.einsum("bhtd,hdr->bhtr", x.float(), rot)
+    return torch.cat([proj, -proj], -1).argmax(-1)
+
+
+def allowed(tq: int, tk: int, *, q_bucket=None, k_bucket=None, q_keep=None, k_keep=None, window: int = 0,
+            sinks: int = 0, causal: bool = True, device=None) -> torch.Tensor:
+    """Boolean [B or 1, H or 1, Tq, Tk], True where query i may attend key j. Queries are the last Tq positions
+    of the Tk keys. Buckets [B, H, T] (query and key heads already matched), keep masks [B, H, T] (True = kept)."""
+    i = torch.arange(tk - tq, tk, device=device)[:, None]
+    j = torch.arange(tk, device=device)[None, :]
+    order = (j <= i) if causal else torch.ones(tq, tk, dtype=torch.bool, device=device)
+    dense = torch.ones(1, 1, tq, tk, dtype=torch.bool, device=device)
+    if q_bucket is not None:
+        dense = dense & (q_bucket[..., :, None] == k_bucket[..., None, :])
+    if k_keep is not None:
+        dense = dense & k_keep[..., None, :]
+    if q_keep is not None:
+        dense = dense & q_keep[..., :, None]
+    always = (j < sinks) | (j == i) | (((i - j) < window) & ((i - j) >= 0) if causal else (i - j).abs() < window)
+    return (dense | always) & order
+
+
+def sparse_attention_reference(q, k, v, *, scale: float | None = None, q_bucket=None, k_bucket=None, q_keep=None,
+                               k_keep=None, window: int = 0, sinks: int = 0, causal: bool = True) -> torch.Tensor:
+    """q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (grouped-query: H a multiple of Hkv) -> [B, H, Tq, D] (float32 math at least).
+    Bucket ids and keep masks are per query head ([B, H, T]; key ones as seen by each query head)."""
+    h, hk = q.shape[1], k.shape[1]
+    k, v = k.repeat_interleave(h // hk, 1), v.repeat_interleave(h // hk, 1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = allowed(q.shape[2], k.shape[2], q_bucket=q_bucket, k_bucket=k_bucket, q_keep=q_keep, k_keep=k_keep,
+                   window=window, sinks=sinks, causal=causal, device=q.device)
+    math = torch.promote_types(q.dtype, torch.float32)
+    s = (q.to(math) @ k.to(math).transpose(-1, -2)) * scale
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
+    return (p @ v.to(math)).to(q.dtype)

@@ -55,3 +55,14 @@ def test_every_method_has_a_readme_row_and_a_docs_page(kind, name, cls):
     assert rows, f"README has no row for {name}"
     pages = [p for p in (root / "docs" / "methods").glob("*.md") if f"`{name}`" in p.read_text()]
     assert pages, f"no page in docs/methods mentions {name}"
+
+
+def test_every_package_folder_is_listed_for_the_wheel():
+    """pyproject lists packages by hand: a new folder left out installs nowhere but an editable checkout."""
+    import tomllib
+
+    root = PACKAGE.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for top in ("attnswap", "attnswap_kernels")
+             for p in (root / top).rglob("__init__.py")}
+    assert found - listed == set()

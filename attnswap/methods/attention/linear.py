@@ -95,14 +95,19 @@ class LinearAttention(AttentionMethod):
 
     def __init__(self, options, site, geometry, adapter):
         super().__init__(options, site, geometry, adapter)
-        h, hk, d = geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
-        fmap = options.feature_map
-        self.phi_k = FeatureMap(fmap, hk, d, options.feature_dim)
-        self.phi_q = self.phi_k if options.tie_qk else FeatureMap(fmap, h, d, options.feature_dim)
+        phi_q, phi_k = self.feature_maps(options, site, geometry)
+        self.phi_k = phi_k
+        self.phi_q = phi_q
         self.exact = options.window > 0 or options.sinks > 0
         if self.exact:
             g = options.mix_init
-            self.mix = nn.Parameter(torch.full((h,), float(torch.logit(torch.tensor(g)))))
+            self.mix = nn.Parameter(torch.full((geometry.num_heads,), float(torch.logit(torch.tensor(g)))))
+
+    def feature_maps(self, options, site, geometry) -> tuple[nn.Module, nn.Module]:
+        """(phi_q, phi_k) of this layer: [B, H, T, D] -> [B, H, T, F] each (a subclass brings its own maps)."""
+        h, hk, d = geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
+        phi_k = FeatureMap(options.feature_map, hk, d, options.feature_dim)
+        return (phi_k if options.tie_qk else FeatureMap(options.feature_map, h, d, options.feature_dim)), phi_k
 
     def _phi_q(self, query):
         if self.options.tie_qk and self.geometry.kv_groups > 1:

@@ -31,7 +31,6 @@ from torch import nn
 from ...errors import AttnswapError
 from .. import Options, Prepared, require_calibration
 from . import register
-from .base import AttentionMethod
 from .linear import LinearAttention
 
 # the authors' fit of the softmax logits' variance against the log-normal variance (see the docstring)
@@ -129,8 +128,7 @@ class LLNAttention(LinearAttention):
         h, hk = geometry.num_heads, geometry.num_kv_heads
         return (h + hk) * o.train_temperature + h * (o.window > 0 or o.sinks > 0)
 
-    def __init__(self, options, site, geometry, adapter):
-        AttentionMethod.__init__(self, options, site, geometry, adapter)
+    def feature_maps(self, options, site, geometry):
         cal = (options.calibration or {}).get(site.index)
         if cal is None:
             raise AttnswapError(f"lln: layer {site.index} has no calibrated temperatures; convert with --calibration")
@@ -138,12 +136,8 @@ class LLNAttention(LinearAttention):
         if len(cal["alpha"]) != h or len(cal["beta"]) != hk:
             raise AttnswapError(f"lln: the stored temperatures of layer {site.index} are for {len(cal['alpha'])} "
                                 f"heads, this model has {h}")
-        self.phi_q = LogNormalMap(cal["alpha"], cal["q_centre"], options.train_temperature, cal.get("q_offset"))
-        self.phi_k = LogNormalMap(cal["beta"], cal["k_centre"], options.train_temperature)
-        self.exact = options.window > 0 or options.sinks > 0
-        if self.exact:
-            g = torch.tensor(options.mix_init)
-            self.mix = nn.Parameter(torch.full((h,), float(torch.logit(g))))
+        return (LogNormalMap(cal["alpha"], cal["q_centre"], options.train_temperature, cal.get("q_offset")),
+                LogNormalMap(cal["beta"], cal["k_centre"], options.train_temperature))
 
     def _phi_q(self, query):
         return self.phi_q(query)
@@ -227,11 +221,9 @@ def offsets(model, ids: torch.Tensor, resolved: dict, window: int, sinks: int) -
             continue
         m = s.masked_fill(~exact, float("-inf")).amax(-1, keepdim=True)
         soft = torch.exp(s - m).masked_fill(~linear, 0).sum(-1)  # [H, T]
-        alpha = torch.tensor(cal["alpha"], dtype=torch.float64).view(-1, 1, 1)
-        beta = torch.tensor(cal["beta"], dtype=torch.float64).repeat_interleave(g).view(-1, 1, 1)
-        fq = torch.exp(alpha * (q.double() - torch.tensor(cal["q_centre"], dtype=torch.float64).view(-1, 1, 1)))
-        kc = torch.tensor(cal["k_centre"], dtype=torch.float64).repeat_interleave(g).view(-1, 1, 1)
-        fk = torch.exp(beta * (kk.double() - kc))
+        # the maps the layer will run (without the offset being measured), their products summed in float64
+        fq = LogNormalMap(cal["alpha"], cal["q_centre"], False)(q[None])[0].double()
+        fk = LogNormalMap(cal["beta"], cal["k_centre"], False)(k[None])[0].double().repeat_interleave(g, 0)
         kern = (fq @ fk.transpose(1, 2)).masked_fill(~linear, 0).sum(-1)
         diff = (kern[:, rows].log() - soft[:, rows].log()).mean(1)  # [H]
         sums[layer] = sums.get(layer, 0) + diff

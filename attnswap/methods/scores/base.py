@@ -23,7 +23,6 @@ class ScoreModifier(Method, nn.Module):
         self.options = options
         self.layer_index = site.index
         self.geometry = geometry
-        self.causal = adapter.causal
 
     def modify(self, scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """scores [B, H, Tq, Tk] (scaled logits), q_pos [Tq], k_pos [Tk] -> modified scores, same shape."""

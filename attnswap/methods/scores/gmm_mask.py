@@ -53,10 +53,9 @@ class GMMMask(ScoreModifier):
     def __init__(self, options, site, geometry, adapter):
         super().__init__(options, site, geometry, adapter)
         n, h = options.gaussians, geometry.num_heads
-        ratio = options.sigma_max / options.sigma_min
-        sig = [options.sigma_min * ratio ** (i / max(n - 1, 1)) for i in range(n)]
+        log_sigma = torch.linspace(math.log(options.sigma_min), math.log(options.sigma_max), n)  # geometric
         self.amplitude = nn.Parameter(torch.zeros(n, h))
-        self.log_sigma = nn.Parameter(torch.tensor([math.log(s) for s in sig])[:, None].repeat(1, h))
+        self.log_sigma = nn.Parameter(log_sigma[:, None].repeat(1, h))
 
     def mixture(self, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """sum_n a_n G_n(i - j): [H, Tq, Tk], in float32 at least (`dtype` where wider)."""

@@ -140,12 +140,5 @@ class LowRank(Tuner):
     def model_hooks(cls, model, adapter, options):
         return []  # merged at conversion: nothing runs at forward time
 
-    @classmethod
-    def reference_parameters(cls, geometry, adapter) -> int:
-        return 0
-
     def merge(self, projections, member=0):
         return None  # already in the weights
-
-    def trainable_parameters(self):
-        return []

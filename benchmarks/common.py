@@ -72,3 +72,52 @@ def write_json(results: dict, out: str | None) -> None:
 
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out + ".json").write_text(json.dumps(results, indent=2))
+
+
+def plot_speed(results, path):
+    """One panel per mode ("fwd", "fwd+bwd") of {T, method, mode, ms} rows: ms against T per method, log-log."""
+    modes = dict.fromkeys(r["mode"] for r in results)
+    names = dict.fromkeys(r["method"] for r in results)
+    panels = {m: {n: [(r["T"], r["ms"]) for r in results if r["method"] == n and r["mode"] == m] for n in names}
+              for m in modes}
+    line_panels(panels, path, "sequence length T", "ms (median)", log2=True)
+
+
+def speed_rows(names, a, step_fn, dtype, peak_fn=None):
+    """Time step_fn(name, mode, T, device, dtype)() for every T of a.lengths, mode "fwd" and "fwd+bwd" (T <= a.bwd_max)
+    and name: median of a.reps (half above 4,096 tokens, at least 2); peak from timed() or peak_fn(name, mode, T).
+    A cell that fails (out of memory) is reported and skipped. Rows {T, method, mode, ms, peak_mib}."""
+    import sys
+
+    rows = []
+    for t in a.lengths:
+        for mode in ("fwd", "fwd+bwd"):
+            if mode == "fwd+bwd" and t > a.bwd_max:
+                continue
+            for name in names:
+                try:
+                    ms, peak = timed(step_fn(name, mode, t, a.device, dtype), a.device,
+                                     a.reps if t <= 4096 else max(2, a.reps // 2))
+                except (RuntimeError, torch.OutOfMemoryError) as e:
+                    print(f"{name} T={t} {mode}: {str(e).splitlines()[0]}", file=sys.stderr)
+                    continue
+                if peak_fn is not None:
+                    peak = peak_fn(name, mode, t)
+                rows.append({"T": t, "method": name, "mode": mode, "ms": ms, "peak_mib": peak})
+                print(f"T={t:6d} {name:>10} {mode:>8}: {ms:10.2f} ms" + ("" if peak is None else f"  peak {peak:9.1f} MiB"),
+                      flush=True)
+    return rows
+
+
+def make_step(fn, x, mode):
+    """A timed step: fn(*x) under no_grad for "fwd"; forward and backward of its float sum for "fwd+bwd"."""
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                return fn(*x)
+        out = fn(*x)
+        out.float().sum().backward()
+        return out
+
+    return step

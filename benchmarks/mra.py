@@ -32,7 +32,7 @@ from attnswap_kernels import rel_rms_error
 from attnswap_kernels.mra import exact_attention, mra_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import line_panels, speed_table, timed  # noqa: E402
+from common import line_panels, make_step, plot_speed, speed_rows, speed_table  # noqa: E402
 
 H, HK, D = 9, 3, 64
 BUDGETS = (0.5, 0.25, 0.125)
@@ -54,16 +54,7 @@ def method(name):
 def step_fn(name, mode, t, device, dtype):
     fn = method(name)
     x = make_inputs(t, device, dtype, grad=mode != "fwd")
-
-    def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                return fn(*x)
-        out = fn(*x)
-        out.float().sum().backward()
-        return out
-
-    return step
+    return make_step(fn, x, mode)
 
 
 def rss_peak_during(fn, interval=1e-4):
@@ -111,25 +102,8 @@ def cpu_peak_mib(name, mode, t):
 
 def speed(a):
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
-    names = ["sdpa"] + [f"mra@{b}" for b in BUDGETS]
-    results = []
-    for t in a.lengths:
-        for mode in ("fwd", "fwd+bwd"):
-            if mode == "fwd+bwd" and t > a.bwd_max:
-                continue
-            for name in names:
-                step = step_fn(name, mode, t, a.device, dtype)
-                try:
-                    ms, peak = timed(step, a.device, a.reps if t <= 4096 else max(2, a.reps // 2))
-                except (RuntimeError, torch.OutOfMemoryError) as e:
-                    print(f"{name} T={t} {mode}: {str(e).splitlines()[0]}", file=sys.stderr)
-                    continue
-                if a.device == "cpu" and a.memory:
-                    peak = cpu_peak_mib(name, mode, t)
-                results.append({"T": t, "method": name, "mode": mode, "ms": ms, "peak_mib": peak})
-                print(f"T={t:6d} {name:>10} {mode:>8}: {ms:10.2f} ms" + ("" if peak is None else f"  peak {peak:9.1f} MiB"),
-                      flush=True)
-    return results
+    peak_fn = cpu_peak_mib if a.device == "cpu" and a.memory else None
+    return speed_rows(["sdpa"] + [f"mra@{b}" for b in BUDGETS], a, step_fn, dtype, peak_fn)
 
 
 def check(device):
@@ -283,14 +257,6 @@ def quality_table(rows):
         lines.append(f"| {r['model']} | {r['approx']} | {r['selection']} | {r['budget']} | {r['mean_rel_err']:.4f} | "
                      f"{r['max_rel_err']:.4f} |")
     return "\n".join(lines)
-
-
-def plot_speed(results, path):
-    modes = dict.fromkeys(r["mode"] for r in results)
-    names = dict.fromkeys(r["method"] for r in results)
-    panels = {m: {n: [(r["T"], r["ms"]) for r in results if r["method"] == n and r["mode"] == m] for n in names}
-              for m in modes}
-    line_panels(panels, path, "sequence length T", "ms (median)", log2=True)
 
 
 def plot_quality(rows, path):

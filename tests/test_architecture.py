@@ -23,8 +23,12 @@ def home(cls) -> Path:
 def test_a_method_name_is_a_string_literal_only_in_its_own_file(kind, name, cls):
     own = home(cls)
     quoted = re.compile(r"""["']%s["']""" % re.escape(name))
+    # another method's option values, declared as `Literal[...]` (MRA's approx_mode "sparse", the MRA paper's own
+    # word), are that method's vocabulary, not a reference to a method: only those lines are not counted
+    option_values = re.compile(r"""^\s*\w+: Literal\[[^\]]*\] = Field\(""")
     found = [f"{f.relative_to(PACKAGE)}:{i}" for f in SOURCES if f != own and own not in f.parents
-             for i, line in enumerate(f.read_text().splitlines(), 1) if quoted.search(line)]
+             for i, line in enumerate(f.read_text().splitlines(), 1)
+             if quoted.search(line) and not option_values.search(line)]
     assert found == []
 
 

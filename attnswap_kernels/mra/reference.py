@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from ..flash_cpu import NEG, flash, flash_bwd
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -224,29 +226,6 @@ def mra_naive(qp, kp, vp, kbar, vbar, logn, sel, kvalid, lay: Layout, *, causal:
     return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
-NEG = -1e30  # a masked key's bias: exp underflows to exactly 0, and a row with no key stays finite
-
-
-def _flash(q, k, v, mask, scale):
-    """(o, lse) of softmax(q k^T * scale + mask) v: PyTorch's fused CPU kernel, or plain math elsewhere."""
-    if q.is_cpu:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
-                                                                          scale=scale)
-    s = q @ k.transpose(-1, -2) * scale + mask
-    lse = torch.logsumexp(s, -1)
-    return torch.exp(s - lse[..., None]) @ v, lse
-
-
-def _flash_bwd(do, q, k, v, o, lse, mask, scale):
-    """Gradients of one key part given the merged output o and log-sum-exp (split-KV backward)."""
-    if q.is_cpu:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, o, lse, 0.0, False, attn_mask=mask, scale=scale)
-    p = torch.exp(q @ k.transpose(-1, -2) * scale + mask - lse[..., None])
-    ds = p * (do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
-    return ds @ k * scale, ds.transpose(-1, -2) @ q * scale, p.transpose(-1, -2) @ do
-
-
 class _SplitKeyAttention(torch.autograd.Function):
     """softmax attention of q over the union of key sets (k_i, v_i, additive bias mask_i), one flash call per set.
 
@@ -259,7 +238,7 @@ class _SplitKeyAttention(torch.autograd.Function):
     def forward(ctx, scale, q, *parts):
         outs, lses = [], []
         for k, v, mask in zip(parts[0::3], parts[1::3], parts[2::3]):
-            o_i, lse_i = _flash(q, k, v, mask, scale)
+            o_i, lse_i = flash(q, k, v, mask, scale)
             outs.append(o_i)
             lses.append(lse_i)
         lse = lses[0]
@@ -277,7 +256,7 @@ class _SplitKeyAttention(torch.autograd.Function):
         do = do.contiguous()
         dq, grads = None, []
         for k, v, mask in zip(parts[0::3], parts[1::3], parts[2::3]):
-            dq_i, dk, dv = _flash_bwd(do, q, k, v, o, lse, mask, ctx.scale)
+            dq_i, dk, dv = flash_bwd(do, q, k, v, o, lse, mask, ctx.scale)
             dq = dq_i if dq is None else dq + dq_i
             grads += [dk, dv, None]
         return None, dq, *grads

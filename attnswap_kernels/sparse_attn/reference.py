@@ -13,6 +13,8 @@ dropped this is causal softmax attention exactly.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -25,16 +27,23 @@ def lsh_buckets(x: torch.Tensor, n_buckets: int, seed: int = 0) -> torch.Tensor:
         return torch.zeros(b, h, t, dtype=torch.long, device=x.device)
     if n_buckets % 2:
         raise ValueError("n_buckets must be even (or 1)")
+    proj = x.float() @ _rotation(h, d, n_buckets // 2, seed, x.device)  # [B, H, T, n/2]
+    hi, lo = proj.max(-1), proj.min(-1)  # argmax over [xR, -xR] without forming it: -lo is the max of -xR
+    return torch.where(hi.values >= -lo.values, hi.indices, lo.indices + n_buckets // 2)
+
+
+@functools.lru_cache(maxsize=256)
+def _rotation(h: int, d: int, r: int, seed: int, device) -> torch.Tensor:
+    """The seeded random rotations [H, D, r] (drawn on the CPU, so every device hashes alike)."""
     g = torch.Generator().manual_seed(seed)
-    rot = torch.randn(h, d, n_buckets // 2, generator=g).to(device=x.device, dtype=torch.float32)
-    proj = torch.einsum("bhtd,hdr->bhtr", x.float(), rot)
-    return torch.cat([proj, -proj], -1).argmax(-1)
+    return torch.randn(h, d, r, generator=g).to(device)[None]
 
 
 def allowed(tq: int, tk: int, *, q_bucket=None, k_bucket=None, q_keep=None, k_keep=None, window: int = 0,
-            sinks: int = 0, causal: bool = True, device=None) -> torch.Tensor:
+            sinks: int = 0, causal: bool = True, key_valid=None, device=None) -> torch.Tensor:
     """Boolean [B or 1, H or 1, Tq, Tk], True where query i may attend key j. Queries are the last Tq positions
-    of the Tk keys. Buckets [B, H, T] (query and key heads already matched), keep masks [B, H, T] (True = kept)."""
+    of the Tk keys. Buckets [B, H, T] (query and key heads already matched), keep masks [B, H, T] (True = kept),
+    key_valid [B, Tk] (False = padding: attended by no query)."""
     i = torch.arange(tk - tq, tk, device=device)[:, None]
     j = torch.arange(tk, device=device)[None, :]
     order = (j <= i) if causal else torch.ones(tq, tk, dtype=torch.bool, device=device)
@@ -46,19 +55,23 @@ def allowed(tq: int, tk: int, *, q_bucket=None, k_bucket=None, q_keep=None, k_ke
     if q_keep is not None:
         dense = dense & q_keep[..., :, None]
     always = (j < sinks) | (j == i) | (((i - j) < window) & ((i - j) >= 0) if causal else (i - j).abs() < window)
-    return (dense | always) & order
+    out = (dense | always) & order
+    return out if key_valid is None else out & key_valid.bool()[:, None, None, :]
 
 
 def sparse_attention_reference(q, k, v, *, scale: float | None = None, q_bucket=None, k_bucket=None, q_keep=None,
-                               k_keep=None, window: int = 0, sinks: int = 0, causal: bool = True) -> torch.Tensor:
+                               k_keep=None, window: int = 0, sinks: int = 0, causal: bool = True,
+                               key_valid=None) -> torch.Tensor:
     """q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (grouped-query: H a multiple of Hkv) -> [B, H, Tq, D] (float32 math at least).
-    Bucket ids and keep masks are per query head ([B, H, T]; key ones as seen by each query head)."""
+    Bucket ids and keep masks are per query head ([B, H, T]; key ones as seen by each query head). A row that may
+    attend no key (only possible with padding) is 0."""
     h, hk = q.shape[1], k.shape[1]
     k, v = k.repeat_interleave(h // hk, 1), v.repeat_interleave(h // hk, 1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     mask = allowed(q.shape[2], k.shape[2], q_bucket=q_bucket, k_bucket=k_bucket, q_keep=q_keep, k_keep=k_keep,
-                   window=window, sinks=sinks, causal=causal, device=q.device)
+                   window=window, sinks=sinks, causal=causal, key_valid=key_valid, device=q.device)
     math = torch.promote_types(q.dtype, torch.float32)
     s = (q.to(math) @ k.to(math).transpose(-1, -2)) * scale
-    p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
+    p = torch.softmax(s.masked_fill(~mask, -1e30), -1)  # finite: an empty row is uniform, then zeroed (no NaN grads)
+    p = torch.where(mask.any(-1, keepdim=True), p, 0.0)
     return (p @ v.to(math)).to(q.dtype)

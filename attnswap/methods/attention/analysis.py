@@ -167,3 +167,21 @@ def head_scores(model: nn.Module, ids: torch.Tensor, measure: Literal["redundanc
         return scores
     finally:
         model.train(was_training)
+
+
+def recorded_qk(model, ids: torch.Tensor, layers):
+    """(window index, layer, q [H, T, D], k [Hk, T, D], scale, causal) of every wanted layer, one window of `ids`
+    [N, T] per forward pass, as the attention receives them (after RoPE)."""
+    base = _base(model)
+    adapter = adapter_for(base.config)
+    scales = {s.index: getattr(s.module, "scaling", None) for s in adapter.sites(base)}
+    wanted = set(layers)
+    device = next(model.parameters()).device
+    for n, row in enumerate(ids):
+        with torch.no_grad(), recording(model, inputs=True) as found:
+            model(input_ids=row[None].to(device), use_cache=False)
+        for layer, entries in sorted(found.items()):
+            if layer in wanted:
+                _, q, k, _ = entries[0]
+                q, k = q[0].float(), k[0].float()
+                yield n, layer, q, k, scales.get(layer) or q.shape[-1] ** -0.5, adapter.causal

@@ -31,6 +31,7 @@ from torch import nn
 from ...errors import AttnswapError
 from .. import Options, Prepared, require_calibration
 from . import register
+from .analysis import recorded_qk
 from .linear import LinearAttention
 
 # the authors' fit of the softmax logits' variance against the log-normal variance (see the docstring)
@@ -147,34 +148,12 @@ def _floats(t: torch.Tensor) -> list[float]:
     return [round(float(x), 6) for x in t]
 
 
-def _recorded(model, ids: torch.Tensor, layers):
-    """(window index, layer, q [H, T, D], k [Hk, T, D], scale, causal) of every wanted layer, one window of `ids`
-    [N, T] per forward pass, as the attention receives them (after RoPE)."""
-    from ...arch import adapter_for
-    from ...surgery import base_model
-    from .analysis import recording
-
-    base = base_model(model)
-    adapter = adapter_for(base.config)
-    scales = {s.index: getattr(s.module, "scaling", None) for s in adapter.sites(base)}
-    wanted = set(layers)
-    device = next(model.parameters()).device
-    for n, row in enumerate(ids):
-        with torch.no_grad(), recording(model, inputs=True) as found:
-            model(input_ids=row[None].to(device), use_cache=False)
-        for layer, entries in sorted(found.items()):
-            if layer in wanted:
-                _, q, k, _ = entries[0]
-                q, k = q[0].float(), k[0].float()
-                yield n, layer, q, k, scales.get(layer) or q.shape[-1] ** -0.5, adapter.causal
-
-
 @torch.no_grad()
 def measure(model, ids: torch.Tensor, layers) -> dict[int, dict[str, torch.Tensor]]:
     """Per layer, on `ids` [N, T]: score_var [H] (variance of q.k x scale over the pairs the model attends: j <= i
     in a causal one), q_mean / q_std [H] (over tokens and dimensions), k_mean / k_std [KV heads]."""
     sums: dict[int, dict[str, torch.Tensor]] = {}
-    for _, layer, q, k, scale, causal in _recorded(model, ids, layers):
+    for _, layer, q, k, scale, causal in recorded_qk(model, ids, layers):
         h, t, _ = q.shape
         s = torch.einsum("htd,hsd->hts", q, k.repeat_interleave(h // k.shape[0], 0)) * scale
         pairs = torch.ones(t, t, dtype=torch.bool, device=s.device)
@@ -206,7 +185,7 @@ def offsets(model, ids: torch.Tensor, resolved: dict, window: int, sinks: int) -
     if window == 0 and sinks == 0:
         return {}  # no exact terms: the kernel's scale cancels in its own normaliser
     sums: dict[int, torch.Tensor] = {}
-    for _, layer, q, k, scale, causal in _recorded(model, ids, resolved):
+    for _, layer, q, k, scale, causal in recorded_qk(model, ids, resolved):
         cal = resolved[layer]
         h, t, _ = q.shape
         g = h // k.shape[0]

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # kernels read globals only as constexpr
+LN2 = tl.constexpr(0.6931471805599453)
 # tests set this: kernel outputs are then allocated full of NaN, so a row a kernel fails to write shows
 POISON = False
 
@@ -197,8 +197,7 @@ def sparse_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_p
     vt = _rows(v_ptr + base * DV, j, T, o_dv, DV, DV)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
-    n_loops = 1 if ROUTED else 2
-    for part in tl.static_range(n_loops):
+    for part in tl.static_range(1 if ROUTED else 2):
         if part == 1:  # LOCAL's sinks: the queries w and more after a sink, for a tile that holds sinks
             lo = (pid_n * BN + W) // BM * BM
             hi = tl.where(pid_n * BN < S, T, lo)

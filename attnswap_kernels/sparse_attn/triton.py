@@ -28,6 +28,8 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)  # kernels read globals only as constexpr
 LN2 = tl.constexpr(0.6931471805599453)
+# the bucket of keys outside the routed part (bucket ids must be smaller; dropped queries take NO_BUCKET + 1)
+NO_BUCKET = 1 << 20
 # tests set this: kernel outputs are then allocated full of NaN, so a row a kernel fails to write shows
 POISON = False
 
@@ -241,7 +243,7 @@ def _routing(q_bucket, k_bucket, q_keep, k_keep, kvalid, *, b, h, t, s, w, bm, b
     j = torch.arange(t, device=dev)
     qb = torch.zeros(b, h, t, dtype=torch.long, device=dev) if q_bucket is None else q_bucket.long()
     kb = torch.zeros(b, h, t, dtype=torch.long, device=dev) if k_bucket is None else k_bucket.long()
-    none = int(max(int(qb.max()), int(kb.max()))) + 1
+    none = NO_BUCKET  # a constant, not the largest bucket + 1: reading that would synchronise with the device
     out = (j < s)[None, None, :] | ~kvalid[:, None, :]
     if k_keep is not None:
         out = out | ~k_keep.bool()

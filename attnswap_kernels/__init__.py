@@ -4,7 +4,20 @@ Dispatch rule for every op: CUDA tensors run the Triton kernel, CPU tensors the 
 The tests call the Triton entry points directly on CPU tensors with TRITON_INTERPRET=1 set before
 triton is imported: Triton's interpreter then runs the kernels on the CPU, against the references.
 """
+import torch
+
 from .testing import assert_close, rel_rms_error
+
+# tests set this (monkeypatch): every kernel output buffer is then allocated full of NaN, so an element a kernel
+# fails to write shows as NaN instead of whatever the allocator left there
+POISON = False
+
+
+def kernel_output(*shape, dtype=torch.float32, device=None) -> torch.Tensor:
+    """An output buffer that a Triton kernel writes completely: uninitialised, or NaN under POISON."""
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 def triton_available() -> bool:
     try:
@@ -19,4 +32,4 @@ def use_triton(*tensors) -> bool:
     return all(t.is_cuda for t in tensors) and triton_available()
 
 
-__all__ = ["assert_close", "rel_rms_error", "triton_available", "use_triton"]
+__all__ = ["POISON", "assert_close", "kernel_output", "rel_rms_error", "triton_available", "use_triton"]

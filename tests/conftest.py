@@ -96,3 +96,12 @@ def decoding_error(model, ids, prefill: int) -> float:
             full = model(input_ids=ids[:, : t + 1]).logits[:, -1]
             worst = max(worst, float((step.logits[:, -1] - full).abs().max()))
     return worst
+
+
+@pytest.fixture(autouse=True)
+def poisoned_kernel_outputs(monkeypatch):
+    """Every Triton kernel output buffer starts full of NaN in every test: an element a kernel fails to write
+    fails the comparison with its reference (assert_close rejects NaN)."""
+    import attnswap_kernels
+
+    monkeypatch.setattr(attnswap_kernels, "POISON", True)

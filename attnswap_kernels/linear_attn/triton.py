@@ -14,11 +14,13 @@ and anti-causal is the causal kernel on time-reversed inputs.
 
 Tolerance against the reference (relative RMS error): fp32 <= 1e-5; fp16 <= 1e-2 and bf16 <= 2e-2
 (inputs and the state are rounded to the half type for the tensor-core products; sums stay fp32).
-The output is allocated with torch.empty: the tests would see unwritten rows as garbage.
+Outputs are allocated uninitialised (`kernel_output`): the tests fill them with NaN first (`POISON`).
 """
 import torch
 import triton
 import triton.language as tl
+
+from .. import kernel_output
 
 
 @triton.jit
@@ -118,7 +120,7 @@ def causal_linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: 
     nt = triton.cdiv(t, chunk)
     bk, bv = min(_pow2(kd), 64), min(_pow2(vd), 64)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    states = torch.empty(b, hk, nt, kd, vd, dtype=torch.float32, device=q.device)  # [B, Hk, NT, K, V]
+    states = kernel_output(b, hk, nt, kd, vd, dtype=torch.float32, device=q.device)  # [B, Hk, NT, K, V]
     chunk_state_fwd_kernel[(triton.cdiv(kd, bk), triton.cdiv(vd, bv), b * hk)](
         k, v, states, t, hk, nt,
         k.stride(0), k.stride(1), k.stride(2),
@@ -126,7 +128,7 @@ def causal_linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: 
         states.stride(0), states.stride(1), states.stride(2),
         K=kd, V=vd, BT=chunk, BK=bk, BV=bv, PRECISION=precision,
     )
-    o = torch.empty(b, h, t, vd, dtype=q.dtype, device=q.device)
+    o = kernel_output(b, h, t, vd, dtype=q.dtype, device=q.device)
     chunk_output_fwd_kernel[(triton.cdiv(vd, bv), nt, b * h)](
         q, k, v, states, o, t, h, h // hk,
         q.stride(0), q.stride(1), q.stride(2),

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import kernel_output
+
 LOG2E = 1.4426950408889634
 
 
@@ -298,8 +300,8 @@ class MRAFunction(torch.autograd.Function):
         kvalid8 = kvalid.to(torch.int8).contiguous()
         idx, cnt = _lists(sel)
         selm = sel.to(torch.int8).contiguous()
-        o = torch.empty(b, h, nq, dv, dtype=qp.dtype, device=qp.device)
-        lse = torch.empty(b, h, nq, dtype=torch.float32, device=qp.device)
+        o = kernel_output(b, h, nq, dv, dtype=qp.dtype, device=qp.device)
+        lse = kernel_output(b, h, nq, dtype=torch.float32, device=qp.device)
         meta = dict(D=d, DV=dv, BD=_pow2(d), BDV=_pow2(dv), BS=bs, CAUSAL=causal,
                     PRECISION="ieee" if qp.dtype == torch.float32 else "tf32")
         mra_fwd_kernel[(nbq, b * h)](
@@ -319,20 +321,20 @@ class MRAFunction(torch.autograd.Function):
         nbq, nbk = nq // bs, nk // bs
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).contiguous()
-        dq = torch.empty_like(qp)
+        dq = kernel_output(*qp.shape, dtype=qp.dtype, device=qp.device)
         mra_bwd_dq_kernel[(nbq, b * h)](
             qp, kp, vp, kbar_c, vbar_c, logn2, kvalid8, idx, cnt, selm, do, lse, delta, dq,
             h, g, nq, nk, nbq, nbk, i0, idx.shape[-1], scale * LOG2E, scale, BJ=32, FULL=full, **meta)
         colidx, colcnt = _lists(sel.transpose(-1, -2))  # per key block: the query blocks that selected it
-        dk = torch.empty_like(kp)
-        dvv = torch.empty_like(vp)
+        dk = kernel_output(*kp.shape, dtype=kp.dtype, device=kp.device)
+        dvv = kernel_output(*vp.shape, dtype=vp.dtype, device=vp.device)
         mra_bwd_dkdv_kernel[(nbk, b * hk)](
             qp, kp, vp, kvalid8, colidx, colcnt, do, lse, delta, dk, dvv,
             h, g, nq, nk, nbq, nbk, i0, colidx.shape[-1], scale * LOG2E, scale, **meta)
         dkbar = dvbar = None
         if full:
-            dkbar = torch.empty(b, hk, nbk, d, dtype=torch.float32, device=qp.device)
-            dvbar = torch.empty(b, hk, nbk, dv, dtype=torch.float32, device=qp.device)
+            dkbar = kernel_output(b, hk, nbk, d, dtype=torch.float32, device=qp.device)
+            dvbar = kernel_output(b, hk, nbk, dv, dtype=torch.float32, device=qp.device)
             bj = 32
             mra_bwd_lowres_kernel[(triton.cdiv(nbk, bj), b * hk)](
                 qp, kbar_c, vbar_c, logn2, selm, do, lse, delta, dkbar, dvbar,

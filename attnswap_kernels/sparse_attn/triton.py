@@ -26,17 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import kernel_output
+
 LOG2E = tl.constexpr(1.4426950408889634)  # kernels read globals only as constexpr
 LN2 = tl.constexpr(0.6931471805599453)
 # the bucket of keys outside the routed part (bucket ids must be smaller; dropped queries take NO_BUCKET + 1)
 NO_BUCKET = 1 << 20
-# tests set this: kernel outputs are then allocated full of NaN, so a row a kernel fails to write shows
-POISON = False
-
-
-def _out(*shape, device):
-    """A kernel's output buffer (float32): every element is written by the kernel, so it starts uninitialised."""
-    return torch.full(shape, float("nan"), device=device) if POISON else torch.empty(shape, device=device)
 
 
 @triton.jit
@@ -286,7 +281,7 @@ class _SparseTriton(torch.autograd.Function):
         nt = route["nt_q"]
         parts = []
         for routed in (False, True):
-            o, lse = _out(bh, t, dv, device=q.device), _out(bh, t, device=q.device)
+            o, lse = kernel_output(bh, t, dv, device=q.device), kernel_output(bh, t, device=q.device)
             sparse_fwd_kernel[(nt, bh)](q, k, v, o, lse, route["qrow"], route["krow"], route["qb"], route["kb"],
                                         route["k_rng"], kvalid, t, h, nt, w, s, scale2, ROUTED=routed, **consts)
             parts.append((o, lse))
@@ -312,7 +307,7 @@ class _SparseTriton(torch.autograd.Function):
         dk = torch.zeros_like(dq)
         dv = torch.zeros(bh, t, v.shape[-1], device=q.device, dtype=torch.float32)
         for routed in (False, True):
-            dq_p, dk_p, dv_p = (_out(*x.shape, device=q.device) for x in (dq, dk, dv))
+            dq_p, dk_p, dv_p = (kernel_output(*x.shape, device=q.device) for x in (dq, dk, dv))
             sparse_bwd_dq_kernel[(nt_q, bh)](q, k, v, do, lse, delta, dq_p, qrow, krow, qb, kb, k_rng, kvalid,
                                              t, h, nt_q, w, s, scale2, ROUTED=routed, **consts)
             sparse_bwd_dkdv_kernel[(nt_k, bh)](q, k, v, do, lse, delta, dk_p, dv_p, qrow, krow, qb, kb, q_rng, kvalid,

@@ -15,7 +15,7 @@ from typer.exceptions import TyperException
 
 from . import commands
 from .config import (CalibrationConfig, ConvertConfig, DistillConfig, EvalConfig, EvolveConfig, ExportConfig,
-                     FinetuneConfig, GenerateConfig, LmEvalConfig, MemoryEvalConfig, is_path)
+                     FinetuneConfig, GenerateConfig, LmEvalConfig, MemoryEvalConfig, RetrievalConfig, is_path)
 from .errors import AttnswapError, first_validation_error
 
 app = typer.Typer(help="Swap the self-attention of pretrained transformers for efficient or improved methods.",
@@ -239,6 +239,20 @@ def eval_calibration(values, source, force, as_json):
                       f"{r['ece_floor']:.4f})  brier {r['brier']:.4f}  entropy {r['entropy']:.4f}  "
                       f"disagreement {r['disagreement']:.4f}  over {r['tokens']} predictions ({r['windows']} "
                       f"windows of {cfg.seq_len})")
+
+
+@command(eval_app, "retrieval", RetrievalConfig, extra=[JSON])
+def eval_retrieval(values, source, as_json):
+    """Passage retrieval by sentence embedding: each passage's first half finds its second half (accuracy@1, MRR)."""
+    cfg = build(RetrievalConfig, **values)
+    r = commands.eval_retrieval(source, cfg)
+    lines = ["| model | passages | accuracy@1 | MRR | top-10 overlap with the original |", "|---|---:|---:|---:|---:|",
+             f"| {source} | {r['passages']} | {r['accuracy_at_1']:.4f} | {r['mrr']:.4f} | "
+             + (f"{r['top10_overlap']:.4f} |" if cfg.compare else "|")]
+    if cfg.compare:
+        o = r["original"]
+        lines.append(f"| {cfg.compare} | {o['passages']} | {o['accuracy_at_1']:.4f} | {o['mrr']:.4f} | 1.0000 |")
+    _emit(r, as_json, "\n".join(lines))
 
 
 @command(eval_app, "lm-eval", LmEvalConfig, extra=[JSON])

@@ -125,6 +125,33 @@ def eval_lm_eval(source: str, cfg: LmEvalConfig) -> dict:
     return result
 
 
+def eval_retrieval(source: str, cfg) -> dict:
+    """Passage retrieval by mean-pooled embeddings (attnswap.retrieval); with `compare`, the original beside it and
+    the overlap of the two models' 10 nearest candidates."""
+    from .data import check_data, read_text
+    from .models import check_positions, load_config, load_model, load_tokenizer
+    from .retrieval import retrieval, top_k_overlap
+
+    check_data(cfg.data)
+    for who in filter(None, (source, cfg.compare)):
+        check_positions(load_config(who), cfg.length + 2, flag="--length")  # + the special tokens
+    text = read_text(cfg.data)
+    runs = {}
+    for who in filter(None, (source, cfg.compare)):
+        runs[who] = retrieval(load_model(who, merge_lora=True), load_tokenizer(who), text, passages=cfg.passages,
+                              length=cfg.length, batch_size=cfg.batch_size)
+    mine = runs[source]
+    result = {"source": source, **{k: v for k, v in mine.items() if k != "sim"}}
+    if cfg.compare:
+        theirs = runs[cfg.compare]
+        if theirs["passages"] != mine["passages"]:
+            raise AttnswapError(f"{source} and {cfg.compare} cut the text into {mine['passages']} and "
+                                f"{theirs['passages']} passages (different tokenizers); compare models that share one")
+        result["original"] = {k: v for k, v in theirs.items() if k != "sim"}
+        result["top10_overlap"] = top_k_overlap(mine["sim"], theirs["sim"])
+    return result
+
+
 def _check_cache(source: str, cfg, longest: int, flag: str):
     """The cache policy a memory command runs, checked against SOURCE before loading weights."""
     from .data import check_data

@@ -158,6 +158,19 @@ class LmEvalConfig(_Config):
         return [t.strip() for t in self.tasks.split(",") if t.strip()]
 
 
+class RetrievalConfig(_Config):
+    data: str = Field(description="text to cut into passages: a UTF-8 file, or 'wikitext' through datasets",
+                      json_schema_extra=PATH)
+    passages: int = Field(500, ge=2, description="at most N passages (consecutive non-empty lines joined until "
+                                                 "--length tokens; docs/evaluation.md)")
+    length: int = Field(256, ge=4, description="tokens per passage; each is split at its midpoint into a query "
+                                               "and its answer")
+    batch_size: int = Field(32, ge=1, description="texts per forward pass")
+    compare: str | None = Field(None, description="also run this original model and report the overlap of each "
+                                                  "query's 10 nearest candidates with its",
+                                json_schema_extra=PATH)
+
+
 class _Cache(_Config):
     policy: str | None = Field(None, description="cache policy (see 'attnswap list'; default: the model's own)")
     options: dict[str, Any] = Field(default_factory=dict, description="policy options, key: value (--set)",

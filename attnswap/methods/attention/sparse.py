@@ -31,7 +31,7 @@ from ...errors import AttnswapError
 from .. import Options, Prepared, require_calibration
 from . import register
 from .analysis import recorded_qk
-from .base import AttentionMethod, key_padding_keep
+from .base import AttentionMethod, key_padding_keep, per_query_head
 
 
 class SparseOptions(Options):
@@ -108,7 +108,7 @@ class Sparse(AttentionMethod):
         if o.buckets > 1:
             seed = o.seed + self.layer_index
             qb = lsh_buckets(query, o.buckets, seed)
-            kb = lsh_buckets(key.repeat_interleave(g, 1) if g > 1 else key, o.buckets, seed)
+            kb = lsh_buckets(per_query_head(key, query.shape[1]), o.buckets, seed)
         if o.drop > 0:
             qk = query.float().norm(dim=-1) >= self.q_threshold.view(1, -1, 1)
             kk = (key.float().norm(dim=-1) >= self.k_threshold.view(1, -1, 1)).repeat_interleave(g, 1)

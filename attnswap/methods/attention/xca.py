@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from .. import Options
 from . import register
-from .base import AttentionMethod, key_padding_keep
+from .base import AttentionMethod, key_padding_keep, per_query_head
 
 
 class XCAOptions(Options):
@@ -56,8 +56,7 @@ class XCA(AttentionMethod):
         self.tau = nn.Parameter(torch.full((geometry.num_heads,), float(options.temperature)))
 
     def forward(self, module, query, key, value, attention_mask, **kwargs):
-        g = query.shape[1] // key.shape[1]
-        if g > 1:
-            key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
-        out = xca(query, key, value, self.tau, key_padding_keep(attention_mask), self.options.eps)
+        h = query.shape[1]
+        out = xca(query, per_query_head(key, h), per_query_head(value, h), self.tau, key_padding_keep(attention_mask),
+                  self.options.eps)
         return out.transpose(1, 2), None

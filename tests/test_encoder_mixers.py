@@ -1,4 +1,5 @@
-"""Token mixers for encoders (issue 19) on bidirectional models: `xca` (XCiT) and `separable` (MobileViTv2).
+"""Token mixers for encoders (issue 19) on bidirectional models: `xca` (XCiT), `separable` (MobileViTv2) and
+`additive` (SwiftFormer).
 Each: its formula against a direct float64 loop; on a converted tiny BERT, padding changes no real token,
 save -> load -> the same outputs, gradients reach its parameters, distill lowers every layer's loss; causal
 models refused in one line."""
@@ -9,13 +10,14 @@ import attnswap
 from attnswap.config import DistillConfig
 from attnswap.distill import distill
 from attnswap.errors import AttnswapError
+from attnswap.methods.attention.additive import additive
 from attnswap.methods.attention.separable import separable
 from attnswap.methods.attention.xca import xca
 from attnswap.surgery import method_modules
 
 from .conftest import WIKI_TRAIN, outputs, sample_ids
 
-MIXERS = ["xca", "separable"]
+MIXERS = ["xca", "separable", "additive"]
 
 
 def _qkv(b=2, h=3, t=11, d=5, seed=0):
@@ -57,6 +59,26 @@ def test_separable_against_a_direct_float64_loop():
             for ti in rows:
                 want = torch.clamp(v[bi, hi, ti], min=0) * context
                 assert (got[bi, hi, ti] - want).abs().max() <= 1e-12
+
+
+def test_additive_against_a_direct_float64_loop():
+    (q, k, _), keep = _qkv(seed=3)
+    b, h, t, d = q.shape
+    g = torch.Generator().manual_seed(4)
+    w_g = torch.randn(h, d, generator=g, dtype=torch.float64)
+    proj_w, proj_b = torch.randn(h, d, d, generator=g, dtype=torch.float64), torch.randn(h, d, generator=g, dtype=torch.float64)
+    got = additive(q, k, w_g, proj_w, proj_b, keep)
+    for bi in range(b):
+        rows = keep[bi].nonzero().flatten().tolist()
+        for hi in range(h):
+            qn = {s: q[bi, hi, s] / q[bi, hi, s].norm() for s in rows}
+            a = torch.stack([(qn[s] * w_g[hi]).sum() / d ** 0.5 for s in rows])
+            a = a / a.norm()
+            glob = sum(a[n] * qn[s] for n, s in enumerate(rows))
+            for ti in rows:
+                kn = k[bi, hi, ti] / k[bi, hi, ti].norm()
+                want = proj_w[hi] @ (glob * kn) + proj_b[hi] + qn[ti]
+                assert (got[bi, hi, ti] - want).abs().max() <= 1e-10
 
 
 @pytest.mark.parametrize("name", MIXERS)

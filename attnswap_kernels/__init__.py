@@ -13,6 +13,12 @@ from .testing import assert_close, rel_rms_error
 POISON = False
 
 
+def per_query_head(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Keys, values or per-KV-head tensors [B, Hkv, ...] repeated for grouped-query attention to [B, heads, ...] (as
+    they are when Hkv = heads)."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
 def kernel_output(*shape, dtype=torch.float32, device=None) -> torch.Tensor:
     """An output buffer that a Triton kernel writes completely: uninitialised, or NaN under POISON."""
     if POISON:
@@ -32,4 +38,4 @@ def use_triton(*tensors) -> bool:
     return all(t.is_cuda for t in tensors) and triton_available()
 
 
-__all__ = ["POISON", "assert_close", "kernel_output", "rel_rms_error", "triton_available", "use_triton"]
+__all__ = ["POISON", "assert_close", "kernel_output", "per_query_head", "rel_rms_error", "triton_available", "use_triton"]

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from .. import per_query_head
 from ..flash_cpu import NEG, flash, flash_bwd
 
 
@@ -185,10 +186,6 @@ def select_blocks(
         return sel.reshape(b, h, lay.nbq, lay.nbk)
 
 
-def _per_query_head(x: torch.Tensor, h: int) -> torch.Tensor:
-    return x if x.shape[1] == h else x.repeat_interleave(h // x.shape[1], dim=1)
-
-
 def mra_naive(qp, kp, vp, kbar, vbar, logn, sel, kvalid, lay: Layout, *, causal: bool, scale: float, approx: str = "full"):
     """The definition on dense tensors (small shapes only): one softmax over exact and virtual keys.
 
@@ -198,9 +195,9 @@ def mra_naive(qp, kp, vp, kbar, vbar, logn, sel, kvalid, lay: Layout, *, causal:
     b, h, nq, d = qp.shape
     bs = lay.bs
     dt = _compute_dtype(qp)
-    sel = _per_query_head(sel, h)
-    k, v = _per_query_head(kp, h).to(dt), _per_query_head(vp, h).to(dt)
-    kb, vb = _per_query_head(kbar, h).to(dt), _per_query_head(vbar, h).to(dt)
+    sel = per_query_head(sel, h)
+    k, v = per_query_head(kp, h).to(dt), per_query_head(vp, h).to(dt)
+    kb, vb = per_query_head(kbar, h).to(dt), per_query_head(vbar, h).to(dt)
     qp = qp.to(dt)
     i = lay.i0 * bs + torch.arange(nq, device=qp.device)  # absolute query positions
     j = torch.arange(kp.shape[2], device=qp.device)
@@ -368,7 +365,7 @@ def exact_attention(q, k, v, *, causal: bool, key_valid=None, scale: float | Non
     tk = k.shape[2]
     scale = d ** -0.5 if scale is None else scale
     dt = _compute_dtype(q)
-    s = torch.einsum("bhid,bhjd->bhij", q.to(dt), _per_query_head(k, h).to(dt)) * scale
+    s = torch.einsum("bhid,bhjd->bhij", q.to(dt), per_query_head(k, h).to(dt)) * scale
     ok = torch.ones(b, 1, tq, tk, dtype=torch.bool, device=q.device)
     if key_valid is not None:
         ok = ok & key_valid.bool()[:, None, None, :]
@@ -378,4 +375,4 @@ def exact_attention(q, k, v, *, causal: bool, key_valid=None, scale: float | Non
     m = s.amax(-1, keepdim=True)
     p = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
     den = p.sum(-1, keepdim=True)
-    return (p @ _per_query_head(v, h).to(dt)) / torch.where(den > 0, den, torch.ones_like(den))
+    return (p @ per_query_head(v, h).to(dt)) / torch.where(den > 0, den, torch.ones_like(den))

@@ -23,25 +23,20 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from .. import per_query_head
 from ..flash_cpu import NEG, flash, flash_bwd
+from .reference import sorted_codes
 
 
-def _routed(qb, kb, q_keep, k_keep, kvalid, *, s, w, block, b, h, t, dt):
+def _routed(q_bucket, k_bucket, q_keep, k_keep, kvalid, *, s, w, block, b, h, t, dt):
     """The routed part's work items, each a run of at most `block` sorted queries of one bucket of one
     (batch, query head) and the prefix of that bucket's sorted keys its last query may see. Returns the items'
     costs (queries, keys) and gather(items) -> (query rows to read, query rows to write (the last = a dummy),
     key rows, bias [n, 1, R, L]), rows of the flat [B*H*T, E] tables."""
-    bh, span = b * h, t + 1
-    nbk = int(max(int(qb.max()), int(kb.max()))) + 1  # real buckets; "none" = nbk
-    j = torch.arange(t)
-    k_out = (j < s)[None, None, :] | ~kvalid[:, None, :]
-    if k_keep is not None:
-        k_out = k_out | ~k_keep.bool().cpu()
-    kb = torch.where(k_out, nbk, kb)
-    if q_keep is not None:
-        qb = torch.where(q_keep.bool().cpu(), qb, nbk + 1)
-    kcode, korder = torch.sort((kb * span + j).reshape(bh, t), dim=-1)
-    qcode, qorder = torch.sort((qb * span + j).reshape(bh, t), dim=-1)
+    bh = b * h
+    nbk = 1 + max([int(x.max()) for x in (q_bucket, k_bucket) if x is not None], default=0)  # "none" = nbk
+    qcode, qorder, kcode, korder, span = sorted_codes(q_bucket, k_bucket, q_keep, k_keep, kvalid, heads=h, sinks=s,
+                                                      none=nbk)
     edges = torch.arange(nbk + 1) * span
     qbound = torch.searchsorted(qcode, edges.expand(bh, -1).contiguous())  # [bh, nbk + 1]
     kbound = torch.searchsorted(kcode, edges.expand(bh, -1).contiguous())
@@ -251,18 +246,17 @@ def sparse_blocked(q, k, v, *, scale: float | None = None, q_bucket=None, k_buck
     `sparse_attention_reference` (causal=True); CPU tensors; differentiable in q, k, v. step_elems (padded scores
     per routed flash call) defaults to 64 T within [2^15, 2^20]: measured fastest at 1,024 and 16,384 tokens."""
     b, h, t, d = q.shape
-    hk, dv = k.shape[1], v.shape[-1]
+    dv = v.shape[-1]
     if k.shape[2] != t:
         raise ValueError("sparse_blocked computes a full forward (as many queries as keys)")
-    g, w, s = h // hk, max(window, 1), min(sinks, t)
+    w, s = max(window, 1), min(sinks, t)
     scale = d ** -0.5 if scale is None else scale
     step_elems = min(max(64 * t, 1 << 15), 1 << 20) if step_elems is None else step_elems
     dt = torch.promote_types(q.dtype, torch.float32)
     e, tp = max(d, dv), -(-t // w) * w
 
-    def per_head(x, rep):  # [b, n, t, ·] -> [b*h, Tp, E] in the compute dtype
-        x = F.pad(x.to(dt), (0, e - x.shape[-1], 0, tp - t))
-        return (x.repeat_interleave(rep, 1) if rep > 1 else x).reshape(b * h, tp, e)
+    def per_head(x):  # [b, n, t, ·] -> [b*h, Tp, E] in the compute dtype
+        return per_query_head(F.pad(x.to(dt), (0, e - x.shape[-1], 0, tp - t)), h).reshape(b * h, tp, e)
 
     kvalid = torch.ones(b, t, dtype=torch.bool) if key_valid is None else key_valid.bool().cpu()
     kbias = None
@@ -276,13 +270,12 @@ def sparse_blocked(q, k, v, *, scale: float | None = None, q_bucket=None, k_buck
            "sink": torch.where(i - torch.arange(s)[None, :] >= w, 0.0, NEG).to(dt)[None],
            "routed": None}
     if t > w:
-        qb = torch.zeros(b, h, t, dtype=torch.long) if q_bucket is None else q_bucket.long().cpu()
-        kb = torch.zeros(b, h, t, dtype=torch.long) if k_bucket is None else k_bucket.long().cpu()
-        ctl["routed"] = _routed(qb, kb, q_keep, k_keep, kvalid, s=s, w=w, block=block, b=b, h=h, t=t, dt=dt)
+        ctl["routed"] = _routed(q_bucket, k_bucket, q_keep, k_keep, kvalid, s=s, w=w, block=block, b=b, h=h, t=t,
+                                dt=dt)
     parts = [_Band(ctl, prev=False)] + ([_Band(ctl, prev=True)] if tp > w else [])
     if s and tp > w:
         parts.append(_Sinks(ctl))
     if ctl["routed"] is not None:
         parts.append(_Routed(ctl))
-    o = _SparseBlocked.apply(per_head(q, 1), per_head(k, g), per_head(v, g), parts)
+    o = _SparseBlocked.apply(per_head(q), per_head(k), per_head(v), parts)
     return o[:, :t, :dv].reshape(b, h, t, dv).to(q.dtype)

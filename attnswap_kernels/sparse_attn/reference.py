@@ -17,6 +17,8 @@ import functools
 
 import torch
 
+from .. import per_query_head
+
 
 def lsh_buckets(x: torch.Tensor, n_buckets: int, seed: int = 0) -> torch.Tensor:
     """Angular LSH (as in Reformer): x [B, H, T, D] -> bucket ids [B, H, T] in [0, n_buckets), from one random
@@ -65,8 +67,8 @@ def sparse_attention_reference(q, k, v, *, scale: float | None = None, q_bucket=
     """q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (grouped-query: H a multiple of Hkv) -> [B, H, Tq, D] (float32 math at least).
     Bucket ids and keep masks are per query head ([B, H, T]; key ones as seen by each query head). A row that may
     attend no key (only possible with padding) is 0."""
-    h, hk = q.shape[1], k.shape[1]
-    k, v = k.repeat_interleave(h // hk, 1), v.repeat_interleave(h // hk, 1)
+    h = q.shape[1]
+    k, v = per_query_head(k, h), per_query_head(v, h)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     mask = allowed(q.shape[2], k.shape[2], q_bucket=q_bucket, k_bucket=k_bucket, q_keep=q_keep, k_keep=k_keep,
                    window=window, sinks=sinks, causal=causal, key_valid=key_valid, device=q.device)
@@ -75,3 +77,25 @@ def sparse_attention_reference(q, k, v, *, scale: float | None = None, q_bucket=
     p = torch.softmax(s.masked_fill(~mask, -1e30), -1)  # finite: an empty row is uniform, then zeroed (no NaN grads)
     p = torch.where(mask.any(-1, keepdim=True), p, 0.0)
     return (p @ v.to(math)).to(q.dtype)
+
+
+def sorted_codes(q_bucket, k_bucket, q_keep, k_keep, key_valid, *, heads: int, sinks: int, none: int):
+    """How the fast paths order the routed part: per (batch, query head), queries and keys sorted by the code
+    bucket x (T + 1) + position. Keys outside the routed part (sinks, dropped, padding) take bucket `none` (after
+    every real bucket) and dropped queries `none + 1`, so a query's routed keys are one contiguous range of its
+    bucket. Buckets and keep masks [B, H, T] (None: one bucket, all kept), key_valid [B, T] bool.
+    Returns (qcode, qorder, kcode, korder) [B*H, T] and the span T + 1."""
+    (b, t), h, dev = key_valid.shape, heads, key_valid.device
+    j = torch.arange(t, device=dev)
+    qb = torch.zeros(b, h, t, dtype=torch.long, device=dev) if q_bucket is None else q_bucket.long().to(dev)
+    kb = torch.zeros(b, h, t, dtype=torch.long, device=dev) if k_bucket is None else k_bucket.long().to(dev)
+    out = (j < sinks)[None, None, :] | ~key_valid[:, None, :]
+    if k_keep is not None:
+        out = out | ~k_keep.bool().to(dev)
+    kb = torch.where(out, none, kb)
+    if q_keep is not None:
+        qb = torch.where(q_keep.bool().to(dev), qb, none + 1)
+    span = t + 1
+    kcode, korder = torch.sort((kb * span + j).reshape(-1, t), dim=-1)
+    qcode, qorder = torch.sort((qb * span + j).reshape(-1, t), dim=-1)
+    return qcode, qorder, kcode, korder, span

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import kernel_output
+from .. import kernel_output, per_query_head
+from .reference import sorted_codes
 
 LOG2E = tl.constexpr(1.4426950408889634)  # kernels read globals only as constexpr
 LN2 = tl.constexpr(0.6931471805599453)
@@ -235,19 +236,9 @@ def _pow2(n: int) -> int:
 def _routing(q_bucket, k_bucket, q_keep, k_keep, kvalid, *, b, h, t, s, w, bm, bn):
     """Sorted order and tile ranges of the routed part, all [B*H, ...] int32 on the inputs' device."""
     dev = kvalid.device
-    j = torch.arange(t, device=dev)
-    qb = torch.zeros(b, h, t, dtype=torch.long, device=dev) if q_bucket is None else q_bucket.long()
-    kb = torch.zeros(b, h, t, dtype=torch.long, device=dev) if k_bucket is None else k_bucket.long()
     none = NO_BUCKET  # a constant, not the largest bucket + 1: reading that would synchronise with the device
-    out = (j < s)[None, None, :] | ~kvalid[:, None, :]
-    if k_keep is not None:
-        out = out | ~k_keep.bool()
-    kb = torch.where(out, none, kb)
-    if q_keep is not None:
-        qb = torch.where(q_keep.bool(), qb, none + 1)
-    span = t + 1
-    kcode, korder = torch.sort((kb * span + j).reshape(b * h, t), dim=-1)
-    qcode, qorder = torch.sort((qb * span + j).reshape(b * h, t), dim=-1)
+    qcode, qorder, kcode, korder, span = sorted_codes(q_bucket, k_bucket, q_keep, k_keep, kvalid, heads=h, sinks=s,
+                                                      none=none)
     nt_q, nt_k = -(-t // bm), -(-t // bn)
     # query tiles -> ranges of sorted keys
     first = qcode[:, ::bm]
@@ -323,19 +314,17 @@ def sparse_triton(q, k, v, *, scale: float | None = None, q_bucket=None, k_bucke
     """Causal sparse attention of a full forward (Tq = Tk) by the Triton kernels; the arguments of
     `sparse_attention_reference`; differentiable in q, k, v."""
     b, h, t, d = q.shape
-    hk = k.shape[1]
     if k.shape[2] != t:
         raise ValueError("sparse_triton computes a full forward (as many queries as keys)")
-    g, w, s = h // hk, max(window, 1), min(sinks, t)
+    w, s = max(window, 1), min(sinks, t)
     scale = d ** -0.5 if scale is None else scale
     kvalid = (torch.ones(b, t, dtype=torch.bool, device=q.device) if key_valid is None
               else key_valid.bool().to(q.device))
     route = _routing(q_bucket, k_bucket, q_keep, k_keep, kvalid, b=b, h=h, t=t, s=s, w=w, bm=block_m, bn=block_n)
 
-    def per_head(x, rep):
-        x = x.repeat_interleave(rep, 1) if rep > 1 else x
-        return x.reshape(b * h, t, x.shape[-1]).contiguous()
+    def per_head(x):
+        return per_query_head(x, h).reshape(b * h, t, x.shape[-1]).contiguous()
 
-    o = _SparseTriton.apply(per_head(q, 1), per_head(k, g), per_head(v, g), route, kvalid.to(torch.int8).contiguous(),
+    o = _SparseTriton.apply(per_head(q), per_head(k), per_head(v), route, kvalid.to(torch.int8).contiguous(),
                             h, w, s, scale, block_m, block_n)
     return o.view(b, h, t, -1)

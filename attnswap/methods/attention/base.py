@@ -99,9 +99,3 @@ def key_padding_keep(attention_mask):
     if attention_mask is None or attention_mask.dtype != torch.bool:
         return None
     return attention_mask.any(dim=-2)[:, 0]
-
-
-def per_query_head(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """Keys or values [B, Hkv, T, D] repeated for grouped-query attention to [B, heads, T, D] (as they are when
-    Hkv = heads)."""
-    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], 1)

@@ -18,9 +18,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from attnswap_kernels import per_query_head
+
 from .. import Options
 from . import register
-from .base import AttentionMethod, key_padding_keep, per_query_head
+from .base import AttentionMethod, key_padding_keep
 
 
 class SeparableOptions(Options):

@@ -25,13 +25,14 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
+from attnswap_kernels import per_query_head
 from attnswap_kernels.sparse_attn import lsh_buckets, sparse_attention
 
 from ...errors import AttnswapError
 from .. import Options, Prepared, require_calibration
 from . import register
 from .analysis import recorded_qk
-from .base import AttentionMethod, key_padding_keep, per_query_head
+from .base import AttentionMethod, key_padding_keep
 
 
 class SparseOptions(Options):
@@ -103,15 +104,15 @@ class Sparse(AttentionMethod):
     def routing(self, query, key):
         """Bucket ids and keep masks per query head ([B, H, Tq] and [B, H, Tk]; None where unused)."""
         o = self.options
-        g = query.shape[1] // key.shape[1]
+        h = query.shape[1]
         qb = kb = qk = kk = None
         if o.buckets > 1:
             seed = o.seed + self.layer_index
             qb = lsh_buckets(query, o.buckets, seed)
-            kb = lsh_buckets(per_query_head(key, query.shape[1]), o.buckets, seed)
+            kb = lsh_buckets(per_query_head(key, h), o.buckets, seed)
         if o.drop > 0:
             qk = query.float().norm(dim=-1) >= self.q_threshold.view(1, -1, 1)
-            kk = (key.float().norm(dim=-1) >= self.k_threshold.view(1, -1, 1)).repeat_interleave(g, 1)
+            kk = per_query_head(key.float().norm(dim=-1) >= self.k_threshold.view(1, -1, 1), h)
         return qb, kb, qk, kk
 
     def forward(self, module, query, key, value, attention_mask, scaling=None, **kwargs):

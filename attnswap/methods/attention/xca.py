@@ -19,9 +19,11 @@ from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
+from attnswap_kernels import per_query_head
+
 from .. import Options
 from . import register
-from .base import AttentionMethod, key_padding_keep, per_query_head
+from .base import AttentionMethod, key_padding_keep
 
 
 class XCAOptions(Options):

@@ -117,8 +117,10 @@ def attach(base: nn.Module, plan: plans.Plan, adapter, sites, buffers: dict | No
         kind = part.cls.kind
         for site in (s for s in sites if s.index in part.layers):
             module = part.cls(part.options, site, geometry, adapter).to(device=ref.device, dtype=ref.dtype)
+            own = (buffers or {}).get(key, {})  # {name: value} for every layer, {layer: {name: value}} for one
+            values = {**{n: v for n, v in own.items() if not isinstance(n, int)}, **own.get(site.index, {})}
             with torch.no_grad():
-                for name, value in (buffers or {}).get(key, {}).items():
+                for name, value in values.items():
                     getattr(module, name).copy_(value)
             setattr(site.module, ATTRS[kind], module)
     hooks = [s.module.register_forward_pre_hook(cache_hook(s.index), with_kwargs=True) for s in sites]

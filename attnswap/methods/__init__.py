@@ -92,8 +92,17 @@ def require_calibration(calibration, what: str) -> None:
                             "calibration=attnswap.data.calibration(tokenizer, FILE))")
 
 
+def calibration_lines(prepared: dict | None, what: str = "measured") -> list[str]:
+    """`describe`'s line for a method that measured the model on calibration text (none if it did not)."""
+    if not prepared or "calibration" not in prepared:
+        return []
+    c = prepared["calibration"]
+    return [f"{what} on {c['tokens']} tokens of {c['data']} ({c['windows']} windows of {c['seq_len']})"]
+
+
 class Prepared:
-    """What `Method.prepare` resolved: options, a record of the measurement, buffer values to load."""
+    """What `Method.prepare` resolved: options, a record of the measurement, tensor values to load into each
+    layer's instance ({name: value} for every layer, or {layer index: {name: value}})."""
 
     def __init__(self, options: Options, record: dict | None = None, buffers: dict | None = None):
         self.options, self.record, self.buffers = options, record or {}, buffers or {}

@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ...errors import AttnswapError
-from .. import Options, Prepared, require_calibration
+from .. import Options, Prepared, calibration_lines, require_calibration
 from . import register
 from .analysis import recorded_qk
 from .linear import LinearAttention
@@ -117,10 +117,7 @@ class LLNAttention(LinearAttention):
             return []
         alphas = [a for v in cal.values() for a in v["alpha"]]
         lines = [f"moment-matched alpha {min(alphas):.3g}..{max(alphas):.3g} over {len(cal)} layers"]
-        if prepared and "calibration" in prepared:
-            c = prepared["calibration"]
-            lines.append(f"measured on {c['tokens']} tokens of {c['data']} ({c['windows']} windows of {c['seq_len']})")
-        return lines
+        return lines + calibration_lines(prepared)
 
     @classmethod
     def reference_parameters(cls, geometry, adapter) -> int:

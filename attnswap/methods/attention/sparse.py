@@ -29,7 +29,7 @@ from attnswap_kernels import per_query_head
 from attnswap_kernels.sparse_attn import lsh_buckets, sparse_attention
 
 from ...errors import AttnswapError
-from .. import Options, Prepared, require_calibration
+from .. import Options, Prepared, calibration_lines, require_calibration
 from . import register
 from .analysis import recorded_qk
 from .base import AttentionMethod, key_padding_keep
@@ -96,10 +96,7 @@ class Sparse(AttentionMethod):
         o = entry["options"]
         lines = [f"{o.get('buckets', 64)} hash buckets, drop {o.get('drop', 0.0)}, window {o.get('window', 128)}, "
                  f"sinks {o.get('sinks', 4)}"]
-        if prepared and "calibration" in prepared:
-            c = prepared["calibration"]
-            lines.append(f"drop thresholds measured on {c['tokens']} tokens of {c['data']}")
-        return lines
+        return lines + calibration_lines(prepared, "drop thresholds measured")
 
     def routing(self, query, key):
         """Bucket ids and keep masks per query head ([B, H, Tq] and [B, H, Tk]; None where unused)."""

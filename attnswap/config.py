@@ -254,8 +254,8 @@ class ExportConfig(_Config):
 
 
 class Recipe(_Config):
-    """convert -> evolve -> distill -> finetune -> eval (perplexity, memory, calibration) -> generate -> export,
-    from one YAML file (recipes/*.yaml); every step but convert is optional."""
+    """convert -> evolve -> distill -> finetune -> eval (perplexity, memory, calibration, retrieval) -> generate ->
+    export, from one YAML file (recipes/*.yaml); every step but convert is optional."""
 
     model: str = Field(description="model source: alias, directory, .gguf file or hub id")
     convert: ConvertConfig
@@ -265,6 +265,7 @@ class Recipe(_Config):
     eval: EvalConfig | None = None
     eval_memory: MemoryEvalConfig | None = None
     eval_calibration: CalibrationConfig | None = None
+    eval_retrieval: RetrievalConfig | None = None
     generate: GenerateConfig | None = None
     export: ExportConfig | None = Field(default_factory=ExportConfig)
     out: str | None = Field(None, description="run directory (the CLI's --out overrides it)", json_schema_extra=PATH)
@@ -276,10 +277,14 @@ class Recipe(_Config):
             self.eval = self.eval.model_copy(update={"compare": self.model})
         elif self.eval is not None and self.eval.compare is False:
             self.eval = self.eval.model_copy(update={"compare": None})
+        # retrieval too: beside the recipe's model unless another `compare` is given
+        if self.eval_retrieval is not None and self.eval_retrieval.compare is None:
+            self.eval_retrieval = self.eval_retrieval.model_copy(update={"compare": self.model})
         return self
 
 
-STEPS = ("evolve", "distill", "finetune", "eval", "eval_memory", "eval_calibration", "generate", "export")
+STEPS = ("evolve", "distill", "finetune", "eval", "eval_memory", "eval_calibration", "eval_retrieval", "generate",
+         "export")
 
 
 def field_help(model: type[BaseModel], name: str) -> str:

@@ -65,6 +65,18 @@ def model_card(name: str, section: dict | None, metrics: dict, recipe: str | Non
         if "ratio" in ev:
             lines += ["", f"Perplexity ratio converted / original: {ev['ratio']:.4f}"]
         lines.append("")
+    rv = metrics.get("eval_retrieval")
+    if rv:
+        lines += [f"Passage retrieval (`attnswap eval retrieval`) on {rv['passages']} passages of {rv['length']} tokens "
+                  f"of {rv['data']}:", "", "| model | accuracy@1 | MRR | top-10 overlap with the original |",
+                  "|---|---:|---:|---:|",
+                  f"| converted | {rv['accuracy_at_1']:.4f} | {rv['mrr']:.4f} | "
+                  f"{rv['top10_overlap']:.4f} |" if "top10_overlap" in rv else
+                  f"| converted | {rv['accuracy_at_1']:.4f} | {rv['mrr']:.4f} | - |"]
+        if rv.get("original"):
+            o = rv["original"]
+            lines.append(f"| original | {o['accuracy_at_1']:.4f} | {o['mrr']:.4f} | 1 |")
+        lines.append("")
     ds = metrics.get("distill")
     if ds:
         lines += [f"Distilled (attention transfer) on {ds['tokens']} tokens of {ds['config']['data']}, "
@@ -79,7 +91,7 @@ def model_card(name: str, section: dict | None, metrics: dict, recipe: str | Non
                   f"on {ft['data']}: mean loss of the first / last 10 steps {ft['loss_start_mean']} -> "
                   f"{ft['loss_end_mean']}, {ft['tokens']} tokens, "
                   f"world size {ft['world_size']}.", ""]
-    if not (ev or ft or ds):
+    if not (ev or ft or ds or rv):
         lines += ["No measurements were recorded for this checkpoint.", ""]
     if recipe:
         lines += ["## Recipe", "", "```yaml", recipe.rstrip(), "```", ""]

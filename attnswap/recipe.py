@@ -111,6 +111,10 @@ def validate(recipe: Recipe, out: str | None, force: bool, recipe_path: str | No
     if (recipe.eval or recipe.eval_calibration or recipe.eval_memory or recipe.generate) and not is_causal_lm(config):
         raise AttnswapError(f"recipe evaluations and generation need a causal LM; {recipe.model} is a "
                             f"{config.model_type} encoder")
+    if recipe.eval_retrieval is not None:
+        check_data(recipe.eval_retrieval.data)
+        for who in (recipe.model, recipe.eval_retrieval.compare):
+            check_positions(load_config(who), recipe.eval_retrieval.length + 2, "eval_retrieval.length")
     for step in ("eval_memory", "evolve"):
         cfg = getattr(recipe, step)
         if cfg is None:
@@ -203,6 +207,12 @@ def _run_steps(recipe: Recipe, recipe_text: str, out: Path, stage: Path, *, prog
         if cal.plot is not None:  # the plot is an output of the run: it goes into the run directory
             cal = cal.model_copy(update={"plot": str(stage / Path(cal.plot).name)})
         results["eval_calibration"] = commands.eval_calibration(str(done), cal)
+    if recipe.eval_retrieval:
+        rv = recipe.eval_retrieval
+        log(f"[eval_retrieval] {rv.passages} passages of {rv.length} tokens of {rv.data}")
+        results["eval_retrieval"] = {"data": rv.data, **commands.eval_retrieval(str(done), rv)}
+        outputs.add_files(done, {"metrics.json": json.dumps({**read_metrics(done),
+                                                             "eval_retrieval": results["eval_retrieval"]}, indent=2)})
     if recipe.generate:
         log(f"[generate] {recipe.generate.max_new_tokens} tokens")
         results["generate"] = commands.generate(str(done), recipe.generate)

@@ -50,6 +50,30 @@ def test_tiny_recipe_end_to_end(tiny_dirs, tmp_path, capsys):
     assert exported.config.attnswap["export"] == {"dtype": "fp32", "merged_lora": True}
 
 
+def test_encoder_recipe_distills_retrieves_and_the_card_says_so(tiny_dirs, tmp_path, capsys):
+    """An encoder recipe: linformer -> distill -> eval retrieval (beside the recipe's model by default) -> export;
+    the model card holds each layer's held-out loss before and after, and the retrieval table."""
+    recipe = {
+        "model": str(tiny_dirs["bert"]),
+        "convert": {"to": "linformer", "options": {"rank": 8}},
+        "distill": {"data": str(WIKI_TRAIN), "tokens": 20 * 64, "seq_len": 64, "lr": 1e-3},
+        "eval_retrieval": {"data": str(WIKI_TEST), "passages": 12, "length": 32},
+        "export": {"dtype": "fp32"},
+    }
+    path = tmp_path / "enc.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rv, ds = r["eval_retrieval"], r["distill"]
+    assert rv["passages"] == 12 and rv["original"]["passages"] == 12 and 0 <= rv["top10_overlap"] <= 1
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    for layer, after in ds["layer_loss_final"].items():
+        assert after < ds["layer_loss_start"][layer]
+        assert f"| {layer} | {ds['layer_loss_start'][layer]:.5f} | {after:.5f} |" in card
+    assert f"| converted | {rv['accuracy_at_1']:.4f} | {rv['mrr']:.4f} | {rv['top10_overlap']:.4f} |" in card
+    assert f"| original | {rv['original']['accuracy_at_1']:.4f} | {rv['original']['mrr']:.4f} | 1 |" in card
+
+
 def test_export_keeps_or_merges_lora_and_casts(tiny_dirs, tiny_tokenizer, tmp_path):
     from attnswap.config import FinetuneConfig
     from attnswap.export import export

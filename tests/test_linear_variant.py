@@ -43,7 +43,7 @@ def dense_hybrid(variant, q, k, v, scale):
     lin = causal & ~exact
     kern = torch.einsum("bhif,bhjf->bhij", fq, fk) * lin
     num, den = kern @ vv, kern.sum(-1)
-    if not variant.exact:
+    if not variant.hybrid:
         return num / (den[..., None] + 1e-6)
     sc = (torch.einsum("bhid,bhjd->bhij", q.float(), kk) * scale).masked_fill(~exact, float("-inf"))
     p = torch.exp(sc - sc.amax(-1, keepdim=True))

@@ -98,8 +98,8 @@ class LinearAttention(AttentionMethod):
         phi_q, phi_k = self.feature_maps(options, site, geometry)
         self.phi_k = phi_k
         self.phi_q = phi_q
-        self.exact = options.window > 0 or options.sinks > 0
-        if self.exact:
+        self.hybrid = options.window > 0 or options.sinks > 0
+        if self.hybrid:
             g = options.mix_init
             self.mix = nn.Parameter(torch.full((geometry.num_heads,), float(torch.logit(torch.tensor(g)))))
 
@@ -132,7 +132,7 @@ class LinearAttention(AttentionMethod):
 
     def merge(self, h, a, c, num, den):
         """The shared normaliser: o = (g a + (1 - g) b) / (g c + (1 - g) d), or b / d without exact terms."""
-        if not self.exact:
+        if not self.hybrid:
             return num / (den[..., None] + EPS)
         g = torch.sigmoid(self.mix).view(1, h, 1)
         return (g[..., None] * a + (1 - g[..., None]) * num) / (g * c + (1 - g) * den + EPS)[..., None]
@@ -159,7 +159,7 @@ class LinearAttention(AttentionMethod):
             shifted = causal_linear_attn(fq[:, :, w:], fk[:, :, : t - w], v_ext[:, :, : t - w], o.chunk)
             lin = F.pad(shifted.float(), (0, 0, w, 0))  # the first w queries have no linear part
         num, den = lin[..., :d].float(), lin[..., d].float()
-        if not self.exact:
+        if not self.hybrid:
             return self.merge(h, None, None, num, den)
         if self.causal:
             a, c, _ = window_softmax_terms(query, key, value, o.window, o.sinks, scale)
@@ -266,7 +266,7 @@ class LinearStateLayer(CacheLayerMixin):
             lin = lin + torch.einsum("bhgqf,bhfv->bhgqv", fq, self.state)
         lin = lin.reshape(b, h, n, d + 1)
         num, den = lin[..., :d], lin[..., d]
-        if not method.exact:
+        if not method.hybrid:
             return method.merge(h, None, None, num, den)
         scores = torch.einsum("bhgqd,bhkd->bhgqk", qg, key.float()) * scale
         scores = scores.masked_fill(~exact, torch.finfo(torch.float32).min)

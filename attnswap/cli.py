@@ -15,7 +15,8 @@ from typer.exceptions import TyperException
 
 from . import commands
 from .config import (CalibrationConfig, ConvertConfig, DistillConfig, EvalConfig, EvolveConfig, ExportConfig,
-                     FinetuneConfig, GenerateConfig, LmEvalConfig, MemoryEvalConfig, RetrievalConfig, is_path)
+                     FinetuneConfig, GenerateConfig, InspectConfig, LmEvalConfig, MemoryEvalConfig, RetrievalConfig,
+                     is_path)
 from .errors import AttnswapError, first_validation_error
 
 app = typer.Typer(help="Swap the self-attention of pretrained transformers for efficient or improved methods.",
@@ -252,6 +253,28 @@ def eval_retrieval(values, source, as_json):
     if cfg.compare:
         o = r["original"]
         lines.append(f"| {cfg.compare} | {o['passages']} | {o['accuracy_at_1']:.4f} | {o['mrr']:.4f} | 1.0000 |")
+    _emit(r, as_json, "\n".join(lines))
+
+
+@command(app, "inspect", InspectConfig, extra=[OUT, FORCE, JSON])
+def inspect_model(values, source, out, force, as_json):
+    """Per layer and head: entropy, sinks, local band, keys for 90 %, spectral gap, redundancy, rank collapse
+    (and the output error against --compare), as JSON and PNG heatmaps in OUT."""
+    cfg = build(InspectConfig, **values)
+    r = commands.inspect(source, cfg, _path(out), force=force)
+    lines = [f"{source}: {r['tokens']} tokens, layers {r['layers'][0]}-{r['layers'][-1]} -> {r['out']}",
+             "| layer | entropy (rel.) | sink mass / uniform | band mass | spectral gap | collapse (residual / "
+             "attention only) |", "|---:|---:|---:|---:|---:|---:|"]
+    ph = r["per_head"]
+    for n, layer in enumerate(r["layers"]):
+        def mean(name):
+            vals = [v for v in ph[name][n] if v is not None]
+            return f"{sum(vals) / len(vals):.3f}" if vals else "n/d"
+        c1, c2 = r["per_layer"]["collapse_with_residual"][n], r["per_layer"]["collapse_attention_only"][n]
+        lines.append(f"| {layer} | {mean('entropy_relative')} | {mean('sink_ratio')} | {mean('band_mass')} | "
+                     f"{mean('spectral_gap')} | {c1['frobenius']:.3f} / {c2['frobenius']:.3f} |")
+    if r["not_defined"]:
+        lines.append(f"not defined (no explicit attention matrix): layers {', '.join(r['not_defined'])}")
     _emit(r, as_json, "\n".join(lines))
 
 

@@ -5,6 +5,7 @@ results; the CLI only parses options and prints that dict, a recipe only calls t
 from __future__ import annotations
 
 import contextlib
+import json
 
 from . import outputs
 from .config import (CalibrationConfig, ConvertConfig, DistillConfig, EvalConfig, EvolveConfig, ExportConfig,
@@ -102,6 +103,39 @@ def eval_calibration(source: str, cfg: CalibrationConfig, *, force: bool = False
         outputs.write_file(outputs.user_path(cfg.plot), lambda tmp: reliability_plot({source: result}, tmp))
         result["plot"] = cfg.plot
     return result
+
+
+def inspect(source: str, cfg, out: str, *, force: bool = False) -> dict:
+    """Per layer and head, what SOURCE's attention does on one window of text (attnswap.inspection): JSON and
+    PNGs written to OUT, whole or not at all."""
+    from . import inspection
+    from .arch import adapter_for
+    from .data import check_data, training_ids
+    from .models import check_positions, load_config, load_model, load_tokenizer
+    from .plan import parse_layers
+    from .surgery import base_model
+
+    check_data(cfg.data)
+    config = load_config(source)
+    check_positions(config, cfg.tokens, "--tokens")
+    if cfg.compare is not None:
+        other = load_config(cfg.compare)
+        if getattr(other, "vocab_size", None) != getattr(config, "vocab_size", None):
+            raise AttnswapError(f"--compare {cfg.compare} has another vocabulary than {source}; compare a model with "
+                                "its original")
+    guards = outputs.inputs(source, data=cfg.data, compare=cfg.compare)
+    outputs.check_out(out, force, guards)
+    tokenizer = load_tokenizer(source)
+    ids = training_ids(tokenizer, cfg.data, cfg.tokens)[: cfg.tokens][None]
+    model = load_model(source, merge_lora=True)
+    layers = parse_layers(cfg.layers, len(adapter_for(config).sites(base_model(model))))
+    reference = load_model(cfg.compare, merge_lora=True) if cfg.compare else None
+    result = inspection.inspect(model, ids, layers=layers, sinks=cfg.sinks, band=cfg.band, reference=reference)
+    result = {"source": source, "data": cfg.data, **({"compare": cfg.compare} if cfg.compare else {}), **result}
+    with outputs.writing(out, force=force, protect=guards, label="inspect") as stage:
+        result["plots"] = inspection.plots(result, stage, source)
+        (stage / "inspect.json").write_text(json.dumps(result, indent=2))
+    return {"out": str(outputs.user_path(out)), **result}
 
 
 def eval_lm_eval(source: str, cfg: LmEvalConfig) -> dict:

@@ -171,6 +171,17 @@ class RetrievalConfig(_Config):
                                 json_schema_extra=PATH)
 
 
+class InspectConfig(_Config):
+    data: str = Field(description="text whose first --tokens tokens the model reads (one window): a UTF-8 file, or "
+                                  "'wikitext' through datasets", json_schema_extra=PATH)
+    tokens: int = Field(2048, ge=8, description="tokens in the window (at most the model's maximum positions)")
+    layers: str | None = Field(None, description="layers to measure, e.g. '0-5,10' (default: every attention layer)")
+    sinks: int = Field(4, ge=1, description="first tokens counted as attention sinks")
+    band: int = Field(64, ge=1, description="keys within this distance of the query count as the local band")
+    compare: str | None = Field(None, description="also run this model (e.g. the original) and report each head's "
+                                                  "output error against it", json_schema_extra=PATH)
+
+
 class _Cache(_Config):
     policy: str | None = Field(None, description="cache policy (see 'attnswap list'; default: the model's own)")
     options: dict[str, Any] = Field(default_factory=dict, description="policy options, key: value (--set)",

@@ -8,6 +8,8 @@ holds unchanged during generation. Computed by SDPA with a boolean band mask [1,
 import torch
 from pydantic import Field
 
+from attnswap_kernels import per_query_head
+
 from ...attention import exact_attention
 from .. import Options
 from . import register
@@ -50,3 +52,11 @@ class SlidingWindow(AttentionMethod):
         # the band already carries causality; SDPA must not add its own on top of an explicit mask
         kwargs.pop("is_causal", None)
         return exact_attention(module, query, key, value, mask, is_causal=False, **kwargs)
+
+    def attention_probs(self, query, key, scale: float) -> torch.Tensor:
+        """[B, H, Tq, Tk] float64: the softmax over the band and sinks this method attends (`attnswap inspect`)."""
+        k = per_query_head(key, query.shape[1])
+        s = (query.double() @ k.double().transpose(-1, -2)) * scale
+        mask = band_mask(query.shape[2], key.shape[2], self.options.window, self.options.sinks, self.causal,
+                         query.device)
+        return torch.softmax(s.masked_fill(~mask, float("-inf")), -1)

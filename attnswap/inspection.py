@@ -77,19 +77,22 @@ def inspect(model, ids: torch.Tensor, *, layers: list[int] | None = None, sinks:
     for layer in tqdm(wanted, desc="inspect", unit="layer", disable=not progress):
         out, q, k, _ = found[layer]
         scale = getattr(sites[layer].module, "scaling", None) or q.shape[-1] ** -0.5
-        probs = _explicit_probs(methods.get(layer), q, k, scale, adapter.causal)
-        h = q.shape[1]
-        if probs is None:
-            undefined[layer] = list(HEAD_METRICS)
-            for m in HEAD_METRICS:
-                per_head[m].append([None] * h)
-        else:
+        h, groups = q.shape[1], q.shape[1] // k.shape[1]
+        rows = {m: [] for m in HEAD_METRICS}
+        for head in range(h):  # one [T, T] matrix at a time (float64: 512 MiB at 8,192 tokens)
+            kv = head // groups
+            probs = _explicit_probs(methods.get(layer), q[:, head:head + 1], k[:, kv:kv + 1], scale, adapter.causal)
+            if probs is None:
+                undefined[layer] = list(HEAD_METRICS)
+                break
             stats = row_stats(probs, adapter.causal, sinks=sinks, band=band)
             stats["sink_ratio"] = stats["sink_mass"] / (sinks / t)
             stats["spectral_gap"] = spectral_gap(probs)
             for m in HEAD_METRICS:
-                per_head[m].append([round(float(x), 6) for x in stats[m]])
+                rows[m].append(round(float(stats[m][0]), 6))
             del probs
+        for m in HEAD_METRICS:
+            per_head[m].append([None] * h if layer in undefined else rows[m])
         per_head["redundancy"].append([round(float(x), 6) for x in head_redundancy(out)])
         if theirs is not None:
             ref = theirs[layer][0].double()

@@ -61,3 +61,14 @@ def test_cka_and_the_collapse_residual():
     y = torch.zeros(4, 2, dtype=torch.float64)
     y[:, 0] = torch.tensor([1.0, -1.0, 1.0, -1.0])  # mean 0: the residual is all of it
     assert abs(collapse_residual(y)["frobenius"] - 1) <= 1e-12
+
+
+def test_spectral_gap_matches_a_full_decomposition_on_close_singular_values():
+    # sigma_2 and sigma_3 within 1 %: a block of 2 converges slowly there, the block of 6 does not
+    g = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    w, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    sigma = torch.cat([torch.tensor([1.0, 0.5, 0.495], dtype=torch.float64), torch.linspace(0.2, 0.01, 37,
+                                                                                           dtype=torch.float64)])
+    p = u @ torch.diag(sigma) @ w.T
+    assert abs(float(spectral_gap(p)) - 0.5) <= 1e-6

@@ -64,6 +64,19 @@ def exact_attention(module, query, key, value, attention_mask, **kwargs):
     return torch.matmul(weights, v).transpose(1, 2).contiguous(), None
 
 
+def attention_weights(query, key, scale: float, mask=None):
+    """[B, H, Tq, Tk] float64: softmax(q k^T x scale) over the keys `mask` allows (boolean, broadcastable,
+    True = attend; None: every key), each key head shared by its group of query heads. For measurements
+    (`attnswap inspect`), not for the forward pass."""
+    import torch
+
+    k = key.repeat_interleave(query.shape[1] // key.shape[1], 1)
+    logits = (query.double() @ k.double().transpose(-1, -2)) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return torch.softmax(logits, -1)
+
+
 def attnswap_attention(module, query, key, value, attention_mask, **kwargs):
     layer = kwargs.pop(CACHE_LAYER, None)
     method = getattr(module, "attnswap", None)

@@ -265,14 +265,14 @@ def inspect_model(values, source, out, force, as_json):
     lines = [f"{source}: {r['tokens']} tokens, layers {r['layers'][0]}-{r['layers'][-1]} -> {r['out']}",
              "| layer | entropy (rel.) | sink mass / uniform | band mass | spectral gap | collapse (residual / "
              "attention only) |", "|---:|---:|---:|---:|---:|---:|"]
-    ph = r["per_head"]
+    def mean(name, n):  # over the heads of layer number n ("n/d": not defined for its method)
+        vals = [v for v in r["per_head"][name][n] if v is not None]
+        return f"{sum(vals) / len(vals):.3f}" if vals else "n/d"
+
     for n, layer in enumerate(r["layers"]):
-        def mean(name):
-            vals = [v for v in ph[name][n] if v is not None]
-            return f"{sum(vals) / len(vals):.3f}" if vals else "n/d"
         c1, c2 = r["per_layer"]["collapse_with_residual"][n], r["per_layer"]["collapse_attention_only"][n]
-        lines.append(f"| {layer} | {mean('entropy_relative')} | {mean('sink_ratio')} | {mean('band_mass')} | "
-                     f"{mean('spectral_gap')} | {c1['frobenius']:.3f} / {c2['frobenius']:.3f} |")
+        lines.append(f"| {layer} | {mean('entropy_relative', n)} | {mean('sink_ratio', n)} | {mean('band_mass', n)} | "
+                     f"{mean('spectral_gap', n)} | {c1['frobenius']:.3f} / {c2['frobenius']:.3f} |")
     if r["not_defined"]:
         lines.append(f"not defined (no explicit attention matrix): layers {', '.join(r['not_defined'])}")
     _emit(r, as_json, "\n".join(lines))

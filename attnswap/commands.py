@@ -109,15 +109,14 @@ def inspect(source: str, cfg, out: str, *, force: bool = False) -> dict:
     """Per layer and head, what SOURCE's attention does on one window of text (attnswap.inspection): JSON and
     PNGs written to OUT, whole or not at all."""
     from . import inspection
-    from .arch import adapter_for
     from .data import check_data, training_ids
-    from .models import check_positions, load_config, load_model, load_tokenizer
+    from .models import check_positions, layer_count, load_config, load_model, load_tokenizer
     from .plan import parse_layers
-    from .surgery import base_model
 
     check_data(cfg.data)
     config = load_config(source)
     check_positions(config, cfg.tokens, "--tokens")
+    layers = parse_layers(cfg.layers, layer_count(config))
     if cfg.compare is not None:
         other = load_config(cfg.compare)
         if getattr(other, "vocab_size", None) != getattr(config, "vocab_size", None):
@@ -128,7 +127,6 @@ def inspect(source: str, cfg, out: str, *, force: bool = False) -> dict:
     tokenizer = load_tokenizer(source)
     ids = training_ids(tokenizer, cfg.data, cfg.tokens)[: cfg.tokens][None]
     model = load_model(source, merge_lora=True)
-    layers = parse_layers(cfg.layers, len(adapter_for(config).sites(base_model(model))))
     reference = load_model(cfg.compare, merge_lora=True) if cfg.compare else None
     result = inspection.inspect(model, ids, layers=layers, sinks=cfg.sinks, band=cfg.band, reference=reference)
     result = {"source": source, "data": cfg.data, **({"compare": cfg.compare} if cfg.compare else {}), **result}

@@ -67,12 +67,10 @@ def model_card(name: str, section: dict | None, metrics: dict, recipe: str | Non
         lines.append("")
     rv = metrics.get("eval_retrieval")
     if rv:
+        overlap = f"{rv['top10_overlap']:.4f}" if "top10_overlap" in rv else "-"
         lines += [f"Passage retrieval (`attnswap eval retrieval`) on {rv['passages']} passages of {rv['length']} tokens "
                   f"of {rv['data']}:", "", "| model | accuracy@1 | MRR | top-10 overlap with the original |",
-                  "|---|---:|---:|---:|",
-                  f"| converted | {rv['accuracy_at_1']:.4f} | {rv['mrr']:.4f} | "
-                  f"{rv['top10_overlap']:.4f} |" if "top10_overlap" in rv else
-                  f"| converted | {rv['accuracy_at_1']:.4f} | {rv['mrr']:.4f} | - |"]
+                  "|---|---:|---:|---:|", f"| converted | {rv['accuracy_at_1']:.4f} | {rv['mrr']:.4f} | {overlap} |"]
         if rv.get("original"):
             o = rv["original"]
             lines.append(f"| original | {o['accuracy_at_1']:.4f} | {o['mrr']:.4f} | 1 |")

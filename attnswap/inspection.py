@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .attention import attention_weights
 from .attention_stats import collapse_residual, row_stats, spectral_gap
-from .errors import AttnswapError
 
 HEAD_METRICS = ("entropy", "entropy_relative", "sink_mass", "sink_ratio", "band_mass", "keys_for_mass",
                 "spectral_gap")
@@ -32,12 +32,9 @@ def _explicit_probs(method, q, k, scale: float, causal: bool):
     if method is not None and not type(method).exact:
         probs = getattr(method, "attention_probs", None)
         return None if probs is None else probs(q, k, scale).double()[0]
-    h, t = q.shape[1], q.shape[2]
-    k = k.repeat_interleave(h // k.shape[1], 1)
-    s = (q.double() @ k.double().transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=s.device).tril(), float("-inf"))
-    return torch.softmax(s, -1)[0]
+    t = q.shape[2]
+    mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril() if causal else None
+    return attention_weights(q, k, scale, mask)[0]
 
 
 def record(model, ids: torch.Tensor):
@@ -49,23 +46,21 @@ def record(model, ids: torch.Tensor):
     return {layer: entries[0] for layer, entries in found.items()}, out.hidden_states
 
 
-def inspect(model, ids: torch.Tensor, *, layers: list[int] | None = None, sinks: int = 4, band: int = 64,
+def inspect(model, ids: torch.Tensor, *, layers: str | list[int] | None = None, sinks: int = 4, band: int = 64,
             reference=None, progress: bool = True) -> dict:
     """The measurements of the module docstring on ids [1, T]; `reference`: a model to compare with."""
     from tqdm.auto import tqdm
 
     from .arch import adapter_for
     from .methods.attention.analysis import head_redundancy
+    from .plan import parse_layers
     from .surgery import base_model, method_modules
 
     base = base_model(model)
     adapter = adapter_for(base.config)
     sites = {s.index: s for s in adapter.sites(base)}
     methods = {m.layer_index: m for m in method_modules(model).values()}
-    wanted = sorted(sites) if layers is None else layers
-    missing = [i for i in wanted if i not in sites]
-    if missing:
-        raise AttnswapError(f"--layers: the model has attention layers 0-{len(sites) - 1}, not {missing}")
+    wanted = parse_layers(layers, len(sites))
     device = next(model.parameters()).device
     ids = ids.to(device)
     found, hidden = record(model, ids)

@@ -73,21 +73,21 @@ def linformer(q, k, v, e, f, keep=None, scale: float | None = None, adaptive: bo
     -> [B, H, T, d]: softmax(q (E k)^T x scale) (F v), token t taking column rank(t) of E and F (adaptive: of E and
     F resampled to the number of real tokens)."""
     dt = torch.promote_types(q.dtype, torch.float32)
-    b, _, t, _ = q.shape
+    t = q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    e, f = e.to(dt), f.to(dt)
-    if keep is None:
-        ee, ff = (resampled(x, t) if adaptive else x[:, :t] for x in (e, f))
-        ee, ff = ee[None], ff[None]  # [1, r, T]
-    else:
+    if keep is not None:
         pos = (keep.long().cumsum(1) - 1).clamp(min=0)  # rank among the real tokens
-        m = keep[:, None, :].to(dt)
+        real, m = keep.sum(1).tolist(), keep[:, None, :].to(dt)
+
+    def columns(x):  # [r, n] -> [1 or B, r, T]: the column of x each token takes
+        x = x.to(dt)
+        if keep is None:
+            return (resampled(x, t) if adaptive else x[:, :t])[None]
         if adaptive:
-            real = keep.sum(1).tolist()
-            ee = torch.stack([resampled(e, n)[:, pos[i].clamp(max=n - 1)] for i, n in enumerate(real)]) * m
-            ff = torch.stack([resampled(f, n)[:, pos[i].clamp(max=n - 1)] for i, n in enumerate(real)]) * m
-        else:
-            ee, ff = e[:, pos].transpose(0, 1) * m, f[:, pos].transpose(0, 1) * m  # [B, r, T]
+            return torch.stack([resampled(x, n)[:, pos[i].clamp(max=n - 1)] for i, n in enumerate(real)]) * m
+        return x[:, pos].transpose(0, 1) * m
+
+    ee, ff = columns(e), columns(f)
     kp = torch.einsum("brt,bhtd->bhrd", ee, k.to(dt))
     vp = torch.einsum("brt,bhtd->bhrd", ff, v.to(dt))
     attn = torch.softmax(q.to(dt) @ kp.transpose(-1, -2) * scale, dim=-1)  # [B, H, T, r]

@@ -8,9 +8,7 @@ holds unchanged during generation. Computed by SDPA with a boolean band mask [1,
 import torch
 from pydantic import Field
 
-from attnswap_kernels import per_query_head
-
-from ...attention import exact_attention
+from ...attention import attention_weights, exact_attention
 from .. import Options
 from . import register
 from .base import AttentionMethod
@@ -55,8 +53,6 @@ class SlidingWindow(AttentionMethod):
 
     def attention_probs(self, query, key, scale: float) -> torch.Tensor:
         """[B, H, Tq, Tk] float64: the softmax over the band and sinks this method attends (`attnswap inspect`)."""
-        k = per_query_head(key, query.shape[1])
-        s = (query.double() @ k.double().transpose(-1, -2)) * scale
         mask = band_mask(query.shape[2], key.shape[2], self.options.window, self.options.sinks, self.causal,
                          query.device)
-        return torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
+        return attention_weights(query, key, scale, mask)

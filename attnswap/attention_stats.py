@@ -14,7 +14,13 @@
   x = argmin ||X - 1 x^T||; in the Frobenius norm x is the mean token, and the relative residual is
   ||res(X)||_F / ||X||_F (0: every token the same). The paper's l1,inf bounds use
   ||X||_{1,inf} = sqrt(||X||_1 ||X||_inf) (max column sum, max row sum), given here too.
+  `collapse_bound`: a bound, derived here, on one pure-attention layer's effect on the token spread (below); it
+  has the paper's cubic form.
 - Linear and kernel (Gaussian) CKA between two representations of the same tokens (Kornblith et al., 2019).
+- The KPCA alignment tests of Saritas and Yildiz ("A Reproduction Study: The Kernel PCA Interpretation of
+  Self-Attention Fails Under Scrutiny", arXiv 2505.07908; their definitions, in KarahanS/Reproduction-Study-KPCA,
+  scripts/nlp_value_vectors.py): the value vectors a head *would* have if self-attention were kernel PCA of its
+  keys (Teo and Nguyen, 2024), compared with its real value vectors (`kpca_alignment`).
 """
 from __future__ import annotations
 
@@ -109,8 +115,71 @@ def rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.0) -> float:
 
     def gram(m):
         m = m.double()
-        d2 = torch.cdist(m, m).pow(2)
+        # exact differences (cdist's matmul form leaves ~1e-8 on the diagonal from 25 rows on, which entered the median)
+        d2 = torch.cdist(m, m, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
         med = d2[d2 > 0].median().sqrt() if (d2 > 0).any() else torch.tensor(1.0, dtype=m.dtype)
         return torch.exp(-d2 / (2 * (sigma * med) ** 2))
 
     return _cka(gram(x), gram(y))
+
+
+def token_spread(x: torch.Tensor) -> float:
+    """x [T, d] -> max_i ||x_i - mean(x)||_2: the largest distance of a token from the mean token."""
+    x = x.double()
+    return float((x - x.mean(0, keepdim=True)).norm(dim=-1).max())
+
+
+def collapse_bound(spread: float, w_norm: float, d_qk: int) -> float:
+    """An upper bound on token_spread(P X) for one single-head attention layer with identity values and no
+    residual branch, P = softmax(X W X^T / sqrt(d_qk)) over every key (W = W_Q W_K^T, w_norm its spectral norm),
+    given spread = token_spread(X):
+
+        token_spread(P X) <= 2 (exp(2 w_norm spread^2 / sqrt(d_qk)) - 1) spread  ~  (4 w_norm / sqrt(d_qk)) spread^3
+
+    Derivation (ours; it has the form of Dong et al.'s Lemma, (4 gamma beta / sqrt(d_qk)) ||res||^3, with explicit
+    constants). Write X = 1 m^T + R (m the mean token, rows r_i, rho = max ||r_i||). The scores of row i are
+    m^T W m + r_i^T W m (constant along the row: cancels in the softmax) + m^T W R^T (the same for every row:
+    part of a common c) + r_i^T W R^T, so P_i = softmax(c + e_i) with |e_ij| <= delta = w_norm rho^2 / sqrt(d_qk).
+    Each entry is then within a factor exp(+-2 delta) of p = softmax(c): ||P_i - p||_1 <= exp(2 delta) - 1. Since
+    P 1 = 1, P X - 1 (m + R^T p)^T = (P - 1 p^T) R, whose rows have norm <= (exp(2 delta) - 1) rho. Measured
+    from the mean token instead of m + R^T p, a spread at most doubles."""
+    delta = w_norm * spread**2 / math.sqrt(d_qk)
+    return 2 * math.expm1(2 * delta) * spread
+
+
+def kpca_values(k: torch.Tensor) -> torch.Tensor:
+    """k [T, d] (one head's keys) -> [T, d]: the value vectors the KPCA reading of self-attention predicts, up to
+    one positive factor (which the alignment measures ignore). With the Gram matrix S = exp(k k^T / sqrt(d)), g its
+    row sums, K = S / (g g^T) centred (H K H, H = I - 1/T) and A its top-d eigenvectors: v_hat = diag(1/g) H A.
+    Computed in float64 from log-sum-exps (no overflow); each eigenvector's sign is fixed so that its entry of
+    largest magnitude is positive (the definition leaves it free, and the optimal cosine depends on it)."""
+    k = k.double()
+    t, d = k.shape
+    s = k @ k.T / math.sqrt(d)
+    log_g = torch.logsumexp(s, -1)
+    kphi = torch.exp(s - log_g[:, None] - log_g[None, :])
+    h = torch.eye(t, dtype=k.dtype, device=k.device) - 1.0 / t
+    _, vecs = torch.linalg.eigh(h @ kphi @ h)
+    a = vecs[:, -d:].flip(-1)  # largest eigenvalue first
+    a = a * torch.sign(a.gather(0, a.abs().argmax(0, keepdim=True)))
+    return torch.exp(-(log_g - log_g.min()))[:, None] * (h @ a)
+
+
+def optimal_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The mean cosine of the rows of x and y [T, d] under the one-to-one pairing of rows that maximises it
+    (Hungarian assignment, scipy's linear_sum_assignment)."""
+    from scipy.optimize import linear_sum_assignment
+
+    xn = x.double() / x.double().norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    yn = y.double() / y.double().norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    c = (xn @ yn.T).cpu().numpy()
+    rows, cols = linear_sum_assignment(c, maximize=True)
+    return float(c[rows, cols].mean())
+
+
+def kpca_alignment(k: torch.Tensor, v: torch.Tensor) -> dict:
+    """One head's keys and values [T, d] -> how close its values are to the KPCA prediction `kpca_values(k)`:
+    optimal cosine, linear CKA and kernel CKA (1: the same up to what each measure ignores)."""
+    pred = kpca_values(k)
+    return {"optimal_cosine": optimal_cosine(v, pred), "linear_cka": linear_cka(v, pred),
+            "kernel_cka": rbf_cka(v, pred)}

@@ -15,8 +15,8 @@ from typer.exceptions import TyperException
 
 from . import commands
 from .config import (CalibrationConfig, ConvertConfig, DistillConfig, EvalConfig, EvolveConfig, ExportConfig,
-                     FinetuneConfig, GenerateConfig, InspectConfig, LmEvalConfig, MemoryEvalConfig, RetrievalConfig,
-                     is_path)
+                     FinetuneConfig, GenerateConfig, InspectConfig, LmEvalConfig, MemoryEvalConfig, ReportConfig,
+                     RetrievalConfig, is_path)
 from .errors import AttnswapError, first_validation_error
 
 app = typer.Typer(help="Swap the self-attention of pretrained transformers for efficient or improved methods.",
@@ -256,6 +256,18 @@ def eval_retrieval(values, source, as_json):
     _emit(r, as_json, "\n".join(lines))
 
 
+@command(app, "report", ReportConfig, extra=[OUT, FORCE, JSON])
+def report(values, source, out, force, as_json):
+    """One page on SOURCE beside --compare: plan, tokens spent, perplexity (standard and long), calibration, cache
+    policy, lm-eval, speed and memory at --lengths, inspect heatmaps side by side: report.md + PNGs + JSON in OUT."""
+    cfg = build(ReportConfig, **values)
+    r = commands.report(source, cfg, _path(out), force=force)
+    p = r["perplexity"]
+    summary = f"perplexity {p['perplexity']:.3f}" + (f" (original {p['original']['perplexity']:.3f}, ratio "
+                                                     f"{p['ratio']:.4f})" if cfg.compare else "")
+    _emit(r, as_json, f"{source}: {summary}; report in {r['seconds']} s -> {r['out']}/report.md")
+
+
 @command(app, "inspect", InspectConfig, extra=[OUT, FORCE, JSON])
 def inspect_model(values, source, out, force, as_json):
     """Per layer and head: entropy, sinks, local band, keys for 90 %, spectral gap, redundancy, rank collapse
@@ -264,15 +276,16 @@ def inspect_model(values, source, out, force, as_json):
     r = commands.inspect(source, cfg, _path(out), force=force)
     lines = [f"{source}: {r['tokens']} tokens, layers {r['layers'][0]}-{r['layers'][-1]} -> {r['out']}",
              "| layer | entropy (rel.) | sink mass / uniform | band mass | spectral gap | collapse (residual / "
-             "attention only) |", "|---:|---:|---:|---:|---:|---:|"]
-    def mean(name, n):  # over the heads of layer number n ("n/d": not defined for its method)
-        vals = [v for v in r["per_head"][name][n] if v is not None]
+             "attention only) | KPCA optimal cosine / linear CKA |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    def mean(name, n, table="per_head"):  # over the heads of layer number n ("n/d": not defined for its method)
+        vals = [v for v in r[table].get(name, [[]] * (n + 1))[n] if v is not None]
         return f"{sum(vals) / len(vals):.3f}" if vals else "n/d"
 
     for n, layer in enumerate(r["layers"]):
         c1, c2 = r["per_layer"]["collapse_with_residual"][n], r["per_layer"]["collapse_attention_only"][n]
         lines.append(f"| {layer} | {mean('entropy_relative', n)} | {mean('sink_ratio', n)} | {mean('band_mass', n)} | "
-                     f"{mean('spectral_gap', n)} | {c1['frobenius']:.3f} / {c2['frobenius']:.3f} |")
+                     f"{mean('spectral_gap', n)} | {c1['frobenius']:.3f} / {c2['frobenius']:.3f} | "
+                     f"{mean('kpca_optimal_cosine', n, 'per_kv_head')} / {mean('kpca_linear_cka', n, 'per_kv_head')} |")
     if r["not_defined"]:
         lines.append(f"not defined (no explicit attention matrix): layers {', '.join(r['not_defined'])}")
     _emit(r, as_json, "\n".join(lines))

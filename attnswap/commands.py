@@ -128,7 +128,8 @@ def inspect(source: str, cfg, out: str, *, force: bool = False) -> dict:
     ids = training_ids(tokenizer, cfg.data, cfg.tokens)[: cfg.tokens][None]
     model = load_model(source, merge_lora=True)
     reference = load_model(cfg.compare, merge_lora=True) if cfg.compare else None
-    result = inspection.inspect(model, ids, layers=layers, sinks=cfg.sinks, band=cfg.band, reference=reference)
+    result = inspection.inspect(model, ids, layers=layers, sinks=cfg.sinks, band=cfg.band, reference=reference,
+                                kpca_tokens=cfg.kpca_tokens)
     result = {"source": source, "data": cfg.data, **({"compare": cfg.compare} if cfg.compare else {}), **result}
     with outputs.writing(out, force=force, protect=guards, label="inspect") as stage:
         result["plots"] = inspection.plots(result, stage, source)
@@ -331,8 +332,16 @@ def export(source: str, cfg: ExportConfig, out: str, *, force: bool = False, pro
     from .export import export as do_export
 
     path = do_export(source, out, merge_lora=cfg.merge_lora, dtype=cfg.dtype, force=force, member=cfg.member,
-                     keep_fp32=cfg.keep_fp32, protect=protect)
-    return {"out": str(path), "dtype": cfg.dtype, "merged_lora": cfg.merge_lora, "member": cfg.member}
+                     keep_fp32=cfg.keep_fp32, protect=protect, report=cfg.report)
+    return {"out": str(path), "dtype": cfg.dtype, "merged_lora": cfg.merge_lora, "member": cfg.member,
+            **({"report": cfg.report} if cfg.report else {})}
+
+
+def report(source: str, cfg, out: str, *, force: bool = False) -> dict:
+    """One Markdown page + PNGs + JSON on SOURCE beside cfg.compare (attnswap.report)."""
+    from .report import report as do_report
+
+    return do_report(source, cfg, out, force=force)
 
 
 def list_methods() -> dict:

@@ -178,8 +178,38 @@ class InspectConfig(_Config):
     layers: str | None = Field(None, description="layers to measure, e.g. '0-5,10' (default: every attention layer)")
     sinks: int = Field(4, ge=1, description="first tokens counted as attention sinks")
     band: int = Field(64, ge=1, description="keys within this distance of the query count as the local band")
+    kpca_tokens: int = Field(128, ge=0, description="tokens (the first of the window) on which each KV head's values "
+                                                    "are compared with the kernel-PCA prediction (0: skip)")
     compare: str | None = Field(None, description="also run this model (e.g. the original) and report each head's "
                                                   "output error against it", json_schema_extra=PATH)
+
+
+class ReportConfig(_Config):
+    data: str = Field(description="evaluation text (perplexity, calibration, speed prompts, inspect window): a UTF-8 "
+                                  "file, or 'wikitext' through datasets", json_schema_extra=PATH)
+    compare: str | None = Field(None, description="the original model, measured beside SOURCE (in a recipe, true: the "
+                                                  "recipe's model)", json_schema_extra=PATH)
+    max_tokens: int = Field(16384, gt=1, description="perplexity and calibration: the first N tokens of the text")
+    seq_len: int = Field(1024, ge=2, description="perplexity and calibration: window length (the standard protocol)")
+    long_seq_len: int | None = Field(None, ge=0, description="long-context perplexity window (default: the model's "
+                                                             "maximum positions, at most 8,192; 0: skip)")
+    lengths: list[int] = Field([1024, 4096, 8192], description="context lengths of the speed and memory table")
+    decode_tokens: int = Field(32, ge=1, description="greedy decode steps timed at each length (the prompt is the "
+                                                     "length minus these)")
+    inspect_tokens: int = Field(1024, ge=8, description="tokens in the window `inspect` reads")
+    memory_context: int = Field(8192, ge=4, description="eval memory (models with a cache policy): document length; "
+                                                        "the second half is scored")
+    tasks: str | None = Field(None, description="lm-eval tasks, comma-separated (offline: attnswap_wikitext_nextsent); "
+                                                "default: none")
+    limit: int | None = Field(None, ge=1, description="lm-eval: first N items of each task")
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if not self.lengths or min(self.lengths) < 2:
+            raise ValueError("lengths: give positive context lengths, e.g. 1024,4096,8192")
+        if self.max_tokens < self.seq_len:
+            raise ValueError(f"max_tokens {self.max_tokens} is shorter than one window of seq_len {self.seq_len}")
+        return self
 
 
 class _Cache(_Config):
@@ -262,11 +292,14 @@ class ExportConfig(_Config):
                                                        "weights as a plain model")
     keep_fp32: bool = Field(False, description="keep tensors whose values exceed the dtype's range in fp32 "
                                                "(default: refuse the export, naming the tensor)")
+    report: str | None = Field(None, description="a folder written by 'attnswap report': its page goes into the "
+                                                 "model card and its files into report/ (in a recipe, the report "
+                                                 "step's own)", json_schema_extra=PATH)
 
 
 class Recipe(_Config):
-    """convert -> evolve -> distill -> finetune -> eval (perplexity, memory, calibration, retrieval) -> generate ->
-    export, from one YAML file (recipes/*.yaml); every step but convert is optional."""
+    """convert -> evolve -> distill -> finetune -> eval (perplexity, memory, calibration, retrieval) -> report ->
+    generate -> export, from one YAML file (recipes/*.yaml); every step but convert is optional."""
 
     model: str = Field(description="model source: alias, directory, .gguf file or hub id")
     convert: ConvertConfig
@@ -277,6 +310,7 @@ class Recipe(_Config):
     eval_memory: MemoryEvalConfig | None = None
     eval_calibration: CalibrationConfig | None = None
     eval_retrieval: RetrievalConfig | None = None
+    report: ReportConfig | None = None
     generate: GenerateConfig | None = None
     export: ExportConfig | None = Field(default_factory=ExportConfig)
     out: str | None = Field(None, description="run directory (the CLI's --out overrides it)", json_schema_extra=PATH)
@@ -291,11 +325,13 @@ class Recipe(_Config):
         # retrieval too: beside the recipe's model unless another `compare` is given
         if self.eval_retrieval is not None and self.eval_retrieval.compare is None:
             self.eval_retrieval = self.eval_retrieval.model_copy(update={"compare": self.model})
+        if self.report is not None and self.report.compare is None:
+            self.report = self.report.model_copy(update={"compare": self.model})
         return self
 
 
-STEPS = ("evolve", "distill", "finetune", "eval", "eval_memory", "eval_calibration", "eval_retrieval", "generate",
-         "export")
+STEPS = ("evolve", "distill", "finetune", "eval", "eval_memory", "eval_calibration", "eval_retrieval", "report",
+         "generate", "export")
 
 
 def field_help(model: type[BaseModel], name: str) -> str:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -10,7 +12,7 @@ import torch
 from . import outputs
 from .arch import is_causal_lm
 from .checkpoint import read_metrics, write_model
-from .errors import NumericalError
+from .errors import AttnswapError, NumericalError
 from .models import load_model, load_tokenizer, resolve
 from .plan import describe as describe_plan
 
@@ -108,19 +110,40 @@ def model_card(name: str, section: dict | None, metrics: dict, recipe: str | Non
     return "\n".join(lines)
 
 
+def check_report_dir(report: str | os.PathLike) -> Path:
+    """A folder written by `attnswap report` (it holds report.md), or a one-line error."""
+    path = outputs.user_path(report)
+    if not (path / "report.md").is_file():
+        raise AttnswapError(f"--report {report} holds no report.md; give the --out folder of 'attnswap report'")
+    return path
+
+
+def card_report(report: Path) -> list[str]:
+    """The report's page as a section of the model card: its headings one level down, its images under report/."""
+    lines = ["## Report", ""]
+    for line in (report / "report.md").read_text().splitlines():
+        if line.startswith("#"):
+            line = "#" + line
+        line = re.sub(r"\]\((?![a-z]+:|/)([^)]+)\)", r"](report/\1)", line)
+        lines.append(line)
+    return lines + [""]
+
+
 def export(source: str | os.PathLike, out: str | os.PathLike, *, merge_lora: bool = True, dtype: str = "fp32",
-           force: bool = False, member: int | None = None, keep_fp32: bool = False, protect=()) -> Path:
+           force: bool = False, member: int | None = None, keep_fp32: bool = False, protect=(),
+           report: str | os.PathLike | None = None) -> Path:
     """Write `source` as a self-contained checkpoint directory at `out`, whole or not at all.
 
     `member` k: of a model whose tuner has members (an ensemble), only member k, folded into the backbone weights:
     a plain model of the original architecture. A tensor whose values do not fit `dtype` (fp16 beyond
     65504) is refused, naming it, or kept in fp32 with `keep_fp32` (the model card says which).
     """
-    guards = [*outputs.inputs(source), *protect]
+    report = check_report_dir(report) if report is not None else None
+    guards = [*outputs.inputs(source, report=report), *protect]
     outputs.check_out(out, force, guards)
     with outputs.claim(out, force=force, protect=guards):
         return _export(source, out, merge_lora=merge_lora, dtype=dtype, force=force, member=member,
-                       keep_fp32=keep_fp32, guards=guards)
+                       keep_fp32=keep_fp32, guards=guards, report=report)
 
 
 def cast_checked(model, dtype: str, keep_fp32: bool = False) -> list[str]:
@@ -149,7 +172,7 @@ def cast_checked(model, dtype: str, keep_fp32: bool = False) -> list[str]:
     return kept
 
 
-def _export(source, out, *, merge_lora, dtype, force, member, keep_fp32, guards) -> Path:
+def _export(source, out, *, merge_lora, dtype, force, member, keep_fp32, guards, report=None) -> Path:
     src_dir = Path(resolve(source).location) if outputs.user_path(source).is_dir() else None
     model = load_model(source, merge_lora=merge_lora)
     origin = None
@@ -183,8 +206,11 @@ def _export(source, out, *, merge_lora, dtype, force, member, keep_fp32, guards)
         if recipe:
             (tmp / "recipe.yaml").write_text(recipe)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (tmp / "README.md").write_text(model_card(Path(out).name, base.config.attnswap if section else None,
-                                                  metrics, recipe, origin,
-                                                  source=getattr(base.config, "attnswap_origin", None),
-                                                  causal=is_causal_lm(base.config)))
+        card = model_card(Path(out).name, base.config.attnswap if section else None, metrics, recipe, origin,
+                          source=getattr(base.config, "attnswap_origin", None), causal=is_causal_lm(base.config))
+        if report is not None:
+            shutil.copytree(report, tmp / "report", ignore=shutil.ignore_patterns(outputs.MANIFEST))
+            head, sep, load = card.partition("## Load")
+            card = head + "\n".join(card_report(report)) + "\n" + sep + load
+        (tmp / "README.md").write_text(card)
     return outputs.user_path(out)

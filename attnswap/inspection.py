@@ -15,14 +15,20 @@ per-head output) and its hidden states kept. Per layer and head (`attnswap.atten
 Per layer: the rank-collapse residual (relative, `attention_stats.collapse_residual`) of the hidden state after
 the layer (with the residual branch) and of the attention's own output before the output projection (the branch
 alone).
+Per layer and KV head, on the first `kpca_tokens` tokens (the reproduction study used sentences of up to 128):
+the KPCA alignment of the recorded values with the values the kernel-PCA reading predicts from the recorded keys
+(`attention_stats.kpca_alignment`: optimal cosine, linear and kernel CKA). The keys are those the attention
+receives (after a rotary embedding), and the Gram matrix is over all of the window's keys, as the study defines
+it for encoders, also for a causal model.
 """
 from __future__ import annotations
 
 import torch
 
 from .attention import attention_weights
-from .attention_stats import collapse_residual, row_stats, spectral_gap
+from .attention_stats import collapse_residual, kpca_alignment, row_stats, spectral_gap
 
+KPCA_METRICS = ("optimal_cosine", "linear_cka", "kernel_cka")
 HEAD_METRICS = ("entropy", "entropy_relative", "sink_mass", "sink_ratio", "band_mass", "keys_for_mass",
                 "spectral_gap")
 
@@ -47,7 +53,7 @@ def record(model, ids: torch.Tensor):
 
 
 def inspect(model, ids: torch.Tensor, *, layers: str | list[int] | None = None, sinks: int = 4, band: int = 64,
-            reference=None, progress: bool = True) -> dict:
+            reference=None, kpca_tokens: int = 128, progress: bool = True) -> dict:
     """The measurements of the module docstring on ids [1, T]; `reference`: a model to compare with."""
     from tqdm.auto import tqdm
 
@@ -68,9 +74,10 @@ def inspect(model, ids: torch.Tensor, *, layers: str | list[int] | None = None, 
     t = ids.shape[1]
     per_head = {m: [] for m in (*HEAD_METRICS, "redundancy", *(("output_error",) if theirs else ()))}
     per_layer = {"collapse_with_residual": [], "collapse_attention_only": []}
+    per_kv_head = {f"kpca_{m}": [] for m in KPCA_METRICS} if kpca_tokens else {}
     undefined = {}
     for layer in tqdm(wanted, desc="inspect", unit="layer", disable=not progress):
-        out, q, k, _ = found[layer]
+        out, q, k, v = found[layer]
         scale = getattr(sites[layer].module, "scaling", None) or q.shape[-1] ** -0.5
         h, groups = q.shape[1], q.shape[1] // k.shape[1]
         rows = {m: [] for m in HEAD_METRICS}
@@ -93,10 +100,16 @@ def inspect(model, ids: torch.Tensor, *, layers: str | list[int] | None = None, 
             ref = theirs[layer][0].double()
             err = (out.double() - ref).pow(2).sum((0, 1, 3)).sqrt() / ref.pow(2).sum((0, 1, 3)).sqrt().clamp_min(1e-300)
             per_head["output_error"].append([round(float(x), 6) for x in err])
+        if kpca_tokens:
+            n = min(kpca_tokens, t)
+            rows = [kpca_alignment(k[0, j, :n], v[0, j, :n]) for j in range(k.shape[1])]
+            for m in KPCA_METRICS:
+                per_kv_head[f"kpca_{m}"].append([round(r[m], 6) for r in rows])
         per_layer["collapse_with_residual"].append(collapse_residual(hidden[layer + 1][0]))
         per_layer["collapse_attention_only"].append(collapse_residual(out[0].reshape(t, -1)))
     return {"tokens": t, "layers": wanted, "causal": adapter.causal, "sinks": sinks, "band": band,
-            "per_head": per_head, "per_layer": per_layer,
+            "per_head": per_head, "per_layer": per_layer, "per_kv_head": per_kv_head,
+            "kpca_tokens": min(kpca_tokens, t),
             "not_defined": {str(k): v for k, v in undefined.items()},
             "methods": {str(i): type(methods[i]).name for i in wanted if i in methods}}
 
@@ -110,13 +123,13 @@ def plots(result: dict, folder, label: str) -> list[str]:
     import numpy as np
 
     written = []
-    for name, rows in result["per_head"].items():
+    for name, rows in [*result["per_head"].items(), *result.get("per_kv_head", {}).items()]:
         grid = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
         if np.isnan(grid).all():
             continue
         fig, ax = plt.subplots(figsize=(1 + 0.4 * grid.shape[1], 1 + 0.25 * grid.shape[0]))
         im = ax.imshow(grid, aspect="auto", cmap="viridis")
-        ax.set_xlabel("head")
+        ax.set_xlabel("KV head" if name.startswith("kpca_") else "head")
         ax.set_ylabel("layer")
         ax.set_yticks(range(len(result["layers"])), [str(x) for x in result["layers"]], fontsize=6)
         ax.set_title(f"{label}: {name}", fontsize=9)

@@ -126,6 +126,14 @@ def validate(recipe: Recipe, out: str | None, force: bool, recipe_path: str | No
             cls.check_options(cls.parse_options(cfg.policy_options()))
         elif plan.cache is None and (step == "evolve" or cfg.policy_options()):
             raise AttnswapError(f"recipe {step}: the plan has no cache policy; give {step}.policy")
+    if recipe.report is not None:
+        from .report import check as check_report
+
+        check_report(recipe.model, recipe.report)
+    if recipe.export is not None and recipe.export.report is not None:
+        from .export import check_report_dir
+
+        check_report_dir(recipe.export.report)
     if recipe.evolve is not None:
         policy = recipe.evolve.policy or (plan.cache.cls.name if plan.cache else None)
         if policy is None or not kinds()["cache"].get(policy).evolvable:
@@ -213,6 +221,12 @@ def _run_steps(recipe: Recipe, recipe_text: str, out: Path, stage: Path, *, prog
         results["eval_retrieval"] = {"data": rv.data, **commands.eval_retrieval(str(done), rv)}
         outputs.add_files(done, {"metrics.json": json.dumps({**read_metrics(done),
                                                              "eval_retrieval": results["eval_retrieval"]}, indent=2)})
+    if recipe.report:
+        from .report import report
+
+        log(f"[report] beside {recipe.report.compare} on {recipe.report.data}")
+        r = report(str(done), recipe.report, str(stage / "report"), progress=progress, log=log)
+        results["report"] = {"out": str(out / "report"), "seconds": r["seconds"]}
     if recipe.generate:
         log(f"[generate] {recipe.generate.max_new_tokens} tokens")
         results["generate"] = commands.generate(str(done), recipe.generate)
@@ -221,8 +235,9 @@ def _run_steps(recipe: Recipe, recipe_text: str, out: Path, stage: Path, *, prog
         log(f"[export] ({recipe.export.dtype}, merge_lora={recipe.export.merge_lora}) -> {out / 'final'}")
         from .export import export
 
+        report_dir = stage / "report" if recipe.report else recipe.export.report
         export(done, stage / "final", merge_lora=recipe.export.merge_lora, dtype=recipe.export.dtype,
-               member=recipe.export.member, keep_fp32=recipe.export.keep_fp32)
+               member=recipe.export.member, keep_fp32=recipe.export.keep_fp32, report=report_dir)
         results["final"] = str(out / "final")
     (stage / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return results

@@ -36,7 +36,14 @@ def test_inspect_writes_every_metric_and_its_heatmaps(tiny_dirs, tmp_path, capsy
         abs(a - m / (2 / 96)) <= 1e-4 for ra, rm in zip(ph["sink_ratio"], ph["sink_mass"]) for a, m in zip(ra, rm))
     assert all(v == 0 for row in ph["output_error"] for v in row)  # the same model on the same tokens
     assert r["not_defined"] == {}
-    for png in ("entropy.png", "sink_ratio.png", "spectral_gap.png", "output_error.png", "collapse.png"):
+    # KPCA alignment per layer and KV head (2 of them), on min(128, 96) tokens
+    assert r["kpca_tokens"] == 96
+    for name in ("kpca_optimal_cosine", "kpca_linear_cka", "kpca_kernel_cka"):
+        rows = r["per_kv_head"][name]
+        assert len(rows) == 2 and all(len(row) == 2 and all(-1 <= v <= 1 + 1e-9 for v in row) for row in rows), name
+    assert all(0 <= v for row in r["per_kv_head"]["kpca_linear_cka"] for v in row)
+    for png in ("entropy.png", "sink_ratio.png", "spectral_gap.png", "output_error.png", "collapse.png",
+                "kpca_linear_cka.png"):
         assert (tmp_path / "i" / png).stat().st_size > 1000
     for c in r["per_layer"]["collapse_with_residual"] + r["per_layer"]["collapse_attention_only"]:
         assert 0 < c["frobenius"] <= 1 + 1e-9

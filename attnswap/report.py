@@ -294,7 +294,7 @@ def page(r: dict) -> str:
               "Greedy decoding as `attnswap generate` runs it: a prefill of L - decode tokens of the data, then the "
               "decode steps. Peak memory: " + ("the allocator's peak" if r["device"].startswith("cuda") else
                                               "the growth of the process's peak resident set during the call") + ".",
-              "", "| model | L | prefill tok/s | decode tok/s | peak MiB | cache MiB at L |",
+              "", "| model | L | prefill tok/s | decode tok/s | peak MiB | cache MiB at the end |",
               "|---|---:|---:|---:|---:|---:|"]
     for s in who:
         for x in r["speed"][s]:

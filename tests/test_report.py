@@ -120,3 +120,23 @@ def test_report_bad_input_is_one_line(tiny_dirs, tmp_path, capsys):
     code = main(["export", str(llama), "--report", str(tmp_path), "--out", str(tmp_path / "e")])
     _, err = capsys.readouterr()
     one_line(code, err, "--report", "report.md")
+
+
+def test_recipe_report_step_lands_in_the_exported_card(tiny_dirs, tmp_path, capsys):
+    """A recipe with a report step (compare: the recipe's model by default): RUN/report is written and the
+    export's model card carries the page, its perplexity the report's."""
+    import yaml
+
+    recipe = {"model": str(tiny_dirs["llama"]), "convert": {"to": "sliding-window", "options": {"window": 16}},
+              "report": {"data": str(WIKI_TEST), "max_tokens": 128, "seq_len": 64, "long_seq_len": 0,
+                         "lengths": [40], "decode_tokens": 4, "inspect_tokens": 32}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--json"]) == 0, capsys.readouterr().err
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["report"]["out"] == str(tmp_path / "run" / "report")
+    rep = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
+    assert rep["compare"] == str(tiny_dirs["llama"]) and "long_context" not in rep
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "## Report" in card and f"{rep['perplexity']['perplexity']:.3f}" in card
+    assert (tmp_path / "run" / "final" / "report" / "cache_bytes.png").is_file()

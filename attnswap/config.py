@@ -184,11 +184,11 @@ class InspectConfig(_Config):
                                                   "output error against it", json_schema_extra=PATH)
 
 
-class ReportConfig(_Config):
+class ReportConfig(_Lengths):
     data: str = Field(description="evaluation text (perplexity, calibration, speed prompts, inspect window): a UTF-8 "
                                   "file, or 'wikitext' through datasets", json_schema_extra=PATH)
-    compare: str | None = Field(None, description="the original model, measured beside SOURCE (in a recipe, true: the "
-                                                  "recipe's model)", json_schema_extra=PATH)
+    compare: str | None = Field(None, description="the original model, measured beside SOURCE (in a recipe: the "
+                                                  "recipe's model unless given)", json_schema_extra=PATH)
     max_tokens: int = Field(16384, gt=1, description="perplexity and calibration: the first N tokens of the text")
     seq_len: int = Field(1024, ge=2, description="perplexity and calibration: window length (the standard protocol)")
     long_seq_len: int | None = Field(None, ge=0, description="long-context perplexity window (default: the model's "

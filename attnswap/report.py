@@ -126,6 +126,7 @@ def speed(model, ids: torch.Tensor, lengths: list[int], decode_tokens: int) -> l
 
 def check(source: str, cfg) -> dict:
     """Everything the report will need, checked before any weight is read: the data, both configs, the lengths."""
+    from . import plan as plans
     from .data import check_data
     from .evaluate import require_causal_lm
     from .models import check_positions, load_config, max_positions
@@ -142,12 +143,15 @@ def check(source: str, cfg) -> dict:
     if min(cfg.lengths) <= cfg.decode_tokens:
         raise AttnswapError(f"--lengths {min(cfg.lengths)} leaves no prompt before {cfg.decode_tokens} decode tokens; "
                             "give lengths above --decode-tokens")
-    check_positions(config, max(cfg.lengths), "--lengths")
-    check_positions(config, cfg.seq_len, "--seq-len")
-    check_positions(config, cfg.inspect_tokens, "--inspect-tokens")
+    check_positions(config, max(cfg.lengths), "--lengths", allow_long=cfg.allow_long)
+    check_positions(config, cfg.seq_len, "--seq-len", allow_long=cfg.allow_long)
+    check_positions(config, cfg.inspect_tokens, "--inspect-tokens", allow_long=cfg.allow_long)
+    section = getattr(config, "attnswap", None)
+    if section and plans.stored(section)[0].get("cache"):
+        check_positions(config, cfg.memory_context, "--memory-context")
     long = cfg.long_seq_len if cfg.long_seq_len is not None else min(max_positions(config) or 0, 8192)
     if long:
-        check_positions(config, long, "--long-seq-len")
+        check_positions(config, long, "--long-seq-len", allow_long=cfg.allow_long)
     return {"long_seq_len": long if long > cfg.seq_len else 0}
 
 
@@ -174,18 +178,20 @@ def report(source: str, cfg, out: str, *, force: bool = False, progress: bool = 
     cmd = result["commands"]
 
     log("[report] perplexity, standard protocol")
-    ev = EvalConfig(data=cfg.data, max_tokens=cfg.max_tokens, seq_len=cfg.seq_len, compare=cfg.compare)
+    ev = EvalConfig(data=cfg.data, max_tokens=cfg.max_tokens, seq_len=cfg.seq_len, compare=cfg.compare,
+                    allow_long=cfg.allow_long)
     result["perplexity"] = commands.eval_perplexity(source, ev, progress=progress)
     cmd["perplexity"] = _cli("eval perplexity", source, ev)
     long = checked["long_seq_len"]
     if long:
         log(f"[report] perplexity, windows of {long}")
-        lev = EvalConfig(data=cfg.data, max_tokens=max(cfg.max_tokens, 2 * long), seq_len=long, compare=cfg.compare)
+        lev = EvalConfig(data=cfg.data, max_tokens=max(cfg.max_tokens, 2 * long), seq_len=long, compare=cfg.compare,
+                         allow_long=cfg.allow_long)
         result["long_context"] = commands.eval_perplexity(source, lev, progress=progress)
         cmd["long_context"] = _cli("eval perplexity", source, lev)
 
     log("[report] calibration")
-    cal = CalibrationConfig(data=cfg.data, max_tokens=cfg.max_tokens, seq_len=cfg.seq_len)
+    cal = CalibrationConfig(data=cfg.data, max_tokens=cfg.max_tokens, seq_len=cfg.seq_len, allow_long=cfg.allow_long)
     result["calibration"] = {s: commands.eval_calibration(s, cal) for s in both}
     cmd["calibration"] = [_cli("eval calibration", s, cal) for s in both]
 
@@ -275,7 +281,8 @@ def page(r: dict) -> str:
               "|---|---:|---:|---:|---:|"]
     for s in who:
         c = r["calibration"][s]
-        lines.append(f"| `{s}` | {c['ece']:.4f} | {c['nll']:.4f} | {_fmt(c.get('accuracy'), 4)} | {c.get('tokens', '-')} |")
+        lines.append(f"| `{s}` | {c['ece']:.4f} | {c['nll']:.4f} | {_fmt(c.get('accuracy'), 4)} | "
+                     f"{c.get('tokens', '-')} |")
     lines += [""] + [f"    {c}" for c in r["commands"]["calibration"]]
     if "memory" in r:
         m = r["memory"]["ppl"]

@@ -140,3 +140,30 @@ def test_recipe_report_step_lands_in_the_exported_card(tiny_dirs, tmp_path, caps
     card = (tmp_path / "run" / "final" / "README.md").read_text()
     assert "## Report" in card and f"{rep['perplexity']['perplexity']:.3f}" in card
     assert (tmp_path / "run" / "final" / "report" / "cache_bytes.png").is_file()
+
+
+def test_report_with_a_cache_policy_and_lm_eval_equals_those_commands(tiny_dirs, tmp_path, capsys):
+    """A plan with a cache policy gets the `eval memory` section, and --tasks the lm-eval one: both the numbers of
+    those commands run with the printed configs."""
+    from attnswap.config import LmEvalConfig, MemoryEvalConfig
+
+    plan = {"attention": [{"layers": [0], "method": "sliding-window", "options": {"window": 16}}],
+            "cache": {"policy": "h2o", "budget": 0.5, "interval": 16}}
+    commands.convert(str(tiny_dirs["llama"]), ConvertConfig(plan=plan), str(tmp_path / "conv"))
+    src = str(tmp_path / "conv")
+    code, r, err = _report(capsys, src, "--data", WIKI_TEST, "--max-tokens", 128, "--seq-len", 64, "--long-seq-len",
+                           0, "--lengths", 40, "--decode-tokens", 4, "--inspect-tokens", 32, "--memory-context", 128,
+                           "--tasks", "attnswap_wikitext_nextsent", "--limit", 4, "--out", tmp_path / "rep")
+    assert code == 0, err
+    mem = commands.eval_memory(src, MemoryEvalConfig(data=str(WIKI_TEST), tasks=["ppl"], context=128, score_from=64))
+    assert r["memory"]["ppl"]["perplexity"] == mem["ppl"]["perplexity"] and r["memory"]["cache"]["policy"] == "h2o"
+    assert r["commands"]["memory"] == (f"attnswap eval memory {src} --data {WIKI_TEST} --tasks ppl --context 128 "
+                                       "--score-from 64")
+    lm = commands.eval_lm_eval(src, LmEvalConfig(tasks="attnswap_wikitext_nextsent", limit=4))
+    assert r["lm_eval"]["results"] == lm["results"]
+    page = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Cache policy (`eval memory`)" in page and f"{mem['ppl']['perplexity']:.3f}" in page
+    assert lm["table"] in page
+    code, _, err = _report(capsys, src, "--data", WIKI_TEST, "--lengths", 64, "--seq-len", 64, "--inspect-tokens", 32,
+                           "--memory-context", 4096, "--out", tmp_path / "bad")
+    one_line(code, err, "--memory-context 4096")

@@ -104,7 +104,8 @@ class FinetuneConfig(_Lengths):
     batch_size: int = Field(1, ge=1, description="sequences per step per process")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     save_every: int = Field(50, ge=1, description="write a resumable checkpoint every N steps")
-    seed: int = Field(0, description="seed for LoRA init and data order")
+    seed: int = Field(0, description="seed for the LoRA initialisation (the data is read in order from the start of "
+                                      "the text)")
     parallel: Parallel = Field("ddp", description=PARALLEL_HELP)
     loss: Literal["ce", "kl"] = Field("ce", description="ce: next-token cross-entropy on the text; kl: KL divergence "
                                                       "from the original model's next-token distribution (the teacher "

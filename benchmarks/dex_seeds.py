@@ -2,7 +2,9 @@
 
     python benchmarks/dex_seeds.py --seeds 0,1,2 --steps 150 --seq-len 512 --out docs/bench/dex-seeds-cpu
 
-Arms (each trained once per seed; a seed sets the data order and the LoRA initialisation):
+Arms (each trained once per seed). A seed sets the LoRA initialisation; `finetune` reads its data in order from
+the start of the text, so with --vary-data seed s also reads the training text from character s x 500,000 on
+(a copy under --work; about 110k tokens apart, more than a run reads), the same text for every arm of that seed:
 - `lora`: the original attention, LoRA r 8 on q/k/v/o;
 - `dex-redundancy`, `dex-importance` (or those named in --arms): dex on half the heads of every layer, chosen on
   the same calibration text (seed 0 for every training seed: the converted architecture is the same, only
@@ -79,7 +81,14 @@ def run_arm(a, tok, arm, seed, cal, probe, subset_of):
             model.train(was)
     else:
         on_step = None
-    cfg = FinetuneConfig(data=a.data, steps=a.steps, seq_len=a.seq_len, lr=a.lr, seed=seed, warmup=10,
+    data = a.data
+    if a.vary_data and seed:
+        data = Path(a.work) / f"data-seed{seed}.txt"
+        if not data.is_file():
+            data.parent.mkdir(parents=True, exist_ok=True)
+            data.write_text(Path(a.data).read_text(encoding="utf-8")[seed * 500_000:], encoding="utf-8")
+        data = str(data)
+    cfg = FinetuneConfig(data=data, steps=a.steps, seq_len=a.seq_len, lr=a.lr, seed=seed, warmup=10,
                          lora_r=a.lora_r, save_every=a.steps, variant_lr=a.variant_lr if arm != "lora" else None)
     work = Path(a.work) / f"{arm}-seed{seed}"
     t0 = time.perf_counter()
@@ -87,7 +96,7 @@ def run_arm(a, tok, arm, seed, cal, probe, subset_of):
     train_s = time.perf_counter() - t0
     tuned = attnswap.load(work, merge_lora=True)
     ppl = perplexity(tuned, tok, a.eval_data, max_tokens=a.eval_tokens, seq_len=1024, progress=False)
-    return {"arm": arm, "seed": seed, "train_tokens": ft["tokens"], "train_s": round(train_s, 1),
+    return {"arm": arm, "seed": seed, "data": data, "train_tokens": ft["tokens"], "train_s": round(train_s, 1),
             "loss_start": ft["loss_start_mean"], "loss_end": ft["loss_end_mean"], "perplexity": ppl["perplexity"],
             "predictions": ppl["tokens"], "trace": trace}
 
@@ -158,6 +167,7 @@ def main():
     p.add_argument("--anneal-steps", type=int, default=50)
     p.add_argument("--arms", default="lora,dex-redundancy,dex-importance")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--vary-data", action="store_true", help="seed s also trains on the text from character s x 500,000")
     p.add_argument("--every", type=int, default=25, help="record the dex trajectories every N steps")
     p.add_argument("--work", default="runs/dex-seeds")
     p.add_argument("--out", default=None)

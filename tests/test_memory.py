@@ -371,3 +371,50 @@ def test_two_process_evolve_equals_one_process(tiny_dirs, tmp_path):
     assert timeless(tmp_path / "ev2") == timeless(tmp_path / "ev1")
     assert (tmp_path / "ev2" / "namm.safetensors").read_bytes() == (tmp_path / "ev1" / "namm.safetensors").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ev1", "ev2"]  # no second output, no leftovers
+
+
+def _kvpress_layer(n):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(pos=torch.arange(n).expand(1, 2, n), seen=n, valid=torch.ones(1, 2, n, dtype=torch.bool),
+                           stats={})
+
+
+@pytest.mark.parametrize("name", ["snapkv", "tova", "h2o"])
+def test_kvpress_convention_keeps_what_kvpress_formulas_keep(name):
+    """`convention: kvpress` against kvpress's scoring written out (SnapKVPress, TOVAPress, ObservedAttentionPress)
+    on hand-built attention of 4 query heads in 2 KV groups: the same kept sets at every budget above the window."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(7)
+    n, h, hk, w = 40, 4, 2, 8
+    a = torch.softmax(torch.randn(1, h, n, n, generator=g, dtype=torch.float64) * 2, -1)
+    a = a * torch.ones(n, n, dtype=torch.float64).tril()
+    a = a / a.sum(-1, keepdim=True)  # causal rows
+    if name == "snapkv":
+        s = a[..., -w:, : n - w].mean(-2)
+        s = F.avg_pool1d(s, kernel_size=5, padding=2, stride=1)
+        want = F.pad(s.view(1, hk, h // hk, n - w).mean(2), (0, w), value=s.max().item())
+        opts, rows = {"window": w}, a[..., -w:, :]
+    elif name == "tova":
+        s = a[..., -1:, :-1].mean(1).repeat(1, hk, 1)
+        want = F.pad(s, (0, 1), value=s.max().item())
+        opts, rows = {}, a[..., -1:, :]
+    else:
+        s = a.sum(2) / torch.arange(n, 0, -1, dtype=torch.float64)
+        want = s.view(1, hk, h // hk, n).mean(2)
+        opts, rows = {}, a
+    cls = kinds()["cache"].get(name)
+    policy = cls(cls.Options(convention="kvpress", **opts), SimpleNamespace(index=0), None, None)
+    got = policy.score(_kvpress_layer(n), rows.view(1, hk, h // hk, *rows.shape[2:]).mean(2))
+    assert got.shape == want.shape
+    for k in range(w + 2, n, 5):
+        assert torch.equal(got.topk(k).indices.sort(-1).values, want.topk(k).indices.sort(-1).values), k
+    finite = torch.isfinite(got)
+    assert torch.allclose(got[finite], want[finite], atol=1e-12)  # and the same numbers outside the kept window
+    # the default convention keeps a different set (max pooling over 7, a recent set of 32 for h2o)
+    default = cls(cls.Options(**opts), SimpleNamespace(index=0), None, None).score(_kvpress_layer(n), rows.view(
+        1, hk, h // hk, *rows.shape[2:]).mean(2))
+    assert not torch.equal(default.topk(20).indices.sort(-1).values, want.topk(20).indices.sort(-1).values)

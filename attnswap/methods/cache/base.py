@@ -9,13 +9,18 @@ forward, training) the model is unchanged. Baselines follow NVIDIA/kvpress and t
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from .. import Method, Options
+
+
+Convention = Literal["attnswap", "kvpress"]
+CONVENTION_HELP = ("attnswap: the policy as its paper describes it (documented per policy); kvpress: the scoring of "
+                   "NVIDIA/kvpress's press of the same name, to compare with kvpress's published numbers")
 
 
 class CacheOptions(Options):

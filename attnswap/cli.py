@@ -277,8 +277,9 @@ def inspect_model(values, source, out, force, as_json):
     lines = [f"{source}: {r['tokens']} tokens, layers {r['layers'][0]}-{r['layers'][-1]} -> {r['out']}",
              "| layer | entropy (rel.) | sink mass / uniform | band mass | spectral gap | collapse (residual / "
              "attention only) | KPCA optimal cosine / linear CKA |", "|---:|---:|---:|---:|---:|---:|---:|"]
-    def mean(name, n, table="per_head"):  # over the heads of layer number n ("n/d": not defined for its method)
-        vals = [v for v in r[table].get(name, [[]] * (n + 1))[n] if v is not None]
+    def mean(name, n, table="per_head"):  # over the heads of layer number n ("n/d": not defined, or not measured)
+        rows = r[table].get(name)
+        vals = [v for v in rows[n] if v is not None] if rows else []
         return f"{sum(vals) / len(vals):.3f}" if vals else "n/d"
 
     for n, layer in enumerate(r["layers"]):

@@ -110,7 +110,7 @@ def inspect(source: str, cfg, out: str, *, force: bool = False) -> dict:
     PNGs written to OUT, whole or not at all."""
     from . import inspection
     from .data import check_data, training_ids
-    from .models import check_positions, layer_count, load_config, load_model, load_tokenizer
+    from .models import check_comparable, check_positions, layer_count, load_config, load_model, load_tokenizer
     from .plan import parse_layers
 
     check_data(cfg.data)
@@ -118,10 +118,7 @@ def inspect(source: str, cfg, out: str, *, force: bool = False) -> dict:
     check_positions(config, cfg.tokens, "--tokens")
     layers = parse_layers(cfg.layers, layer_count(config))
     if cfg.compare is not None:
-        other = load_config(cfg.compare)
-        if getattr(other, "vocab_size", None) != getattr(config, "vocab_size", None):
-            raise AttnswapError(f"--compare {cfg.compare} has another vocabulary than {source}; compare a model with "
-                                "its original")
+        check_comparable(config, cfg.compare, source)
     guards = outputs.inputs(source, data=cfg.data, compare=cfg.compare)
     outputs.check_out(out, force, guards)
     tokenizer = load_tokenizer(source)

@@ -310,6 +310,16 @@ def layer_count(config) -> int:
     raise AttnswapError(f"cannot tell the number of layers of this {getattr(config, 'model_type', '?')} model")
 
 
+def check_comparable(config, compare: str, source: str):
+    """The config of `compare` (a model measured beside `source`, whose config is `config`): it must share the
+    vocabulary, or a one-line error. Returned for further checks."""
+    other = load_config(compare)
+    if getattr(other, "vocab_size", None) != getattr(config, "vocab_size", None):
+        raise AttnswapError(f"--compare {compare} has another vocabulary than {source}; compare a model with its "
+                            "original")
+    return other
+
+
 def max_positions(config) -> int | None:
     """The longest sequence the model's position scheme was built for (None if it does not say)."""
     for key in ("max_position_embeddings", "n_positions"):

@@ -129,17 +129,13 @@ def check(source: str, cfg) -> dict:
     from . import plan as plans
     from .data import check_data
     from .evaluate import require_causal_lm
-    from .models import check_positions, load_config, max_positions
+    from .models import check_comparable, check_positions, load_config, max_positions
 
     check_data(cfg.data)
     config = load_config(source)
     require_causal_lm(config, source)
     if cfg.compare is not None:
-        other = load_config(cfg.compare)
-        require_causal_lm(other, cfg.compare)
-        if getattr(other, "vocab_size", None) != getattr(config, "vocab_size", None):
-            raise AttnswapError(f"--compare {cfg.compare} has another vocabulary than {source}; compare a model with "
-                                "its original")
+        require_causal_lm(check_comparable(config, cfg.compare, source), cfg.compare)
     if min(cfg.lengths) <= cfg.decode_tokens:
         raise AttnswapError(f"--lengths {min(cfg.lengths)} leaves no prompt before {cfg.decode_tokens} decode tokens; "
                             "give lengths above --decode-tokens")
@@ -251,6 +247,8 @@ def _fmt(x, digits=3):
 
 def page(r: dict) -> str:
     """The Markdown page of a report result."""
+    from .plan import compact
+
     src, orig = r["source"], r["compare"]
     who = [src] + ([orig] if orig else [])
     lines = [f"# attnswap report: `{src}`" + (f" beside `{orig}`" if orig else ""), "",
@@ -320,7 +318,7 @@ def page(r: dict) -> str:
                  f"{ins['band']} keys.")
     if ins["not_defined"]:
         lines.append(f"Not defined for this model's methods (no attention matrix) in layers "
-                     f"{plans_compact(ins['not_defined'])}: entropy, sinks, band and spectral gap there.")
+                     f"{compact(sorted(int(x) for x in ins['not_defined']))}: entropy, sinks, band and spectral gap there.")
     lines.append("")
     for p in r["plots"]:
         if p.startswith("inspect_"):
@@ -332,12 +330,6 @@ def page(r: dict) -> str:
                   f"{sum(errs) / len(errs):.4f} over the layers, largest in layer {ins['layers'][worst]} "
                   f"({errs[worst]:.4f}).", ""]
     return "\n".join(lines)
-
-
-def plans_compact(layers) -> str:
-    from .plan import compact
-
-    return compact(sorted(int(x) for x in layers))
 
 
 def _version() -> str:

@@ -27,9 +27,9 @@ class SnapKV(CachePolicy):
         window = rows[:, :, -self.options.window:].mean(2)  # [B, Hkv, N]
         b, hk, n = window.shape
         if self.options.convention == "kvpress":
-            # pooled over the entries before the window only (entries are in position order); the group mean
-            # commutes with the window mean and the average pool, so the group-mean rows give kvpress's scores
-            # (entries are in position order, the window's right after them: zeroing the window is kvpress's padding)
+            # pooled over the entries before the window only: entries are in position order with the window right
+            # after them, so zeroing the window is kvpress's zero padding. The group mean commutes with the window
+            # mean and the average pool, so the group-mean rows give kvpress's scores.
             before = (layer.pos < layer.seen - self.options.window) & layer.valid  # [B, Hkv, N]
             x = window.masked_fill(~before, 0.0).reshape(b * hk, 1, n)
             pooled = torch.nn.functional.avg_pool1d(x, 5, stride=1, padding=2).view(b, hk, n)

@@ -85,7 +85,17 @@ def load_method_tensors(model: nn.Module, directory: Path, legacy_prefix: str | 
     wanted = {k: v for k, v in model.state_dict().items() if any(o in k for o in OWN)}
     if not wanted:
         return
-    rename = (lambda k: k.replace(".attnswap.", f".{legacy_prefix}.")) if legacy_prefix else (lambda k: k)
+    legacy = (lambda k: k.replace(".attnswap.", f".{legacy_prefix}.")) if legacy_prefix else (lambda k: k)
+    # a checkpoint of the bare backbone loaded under a head (a classifier) names its tensors without the head
+    # model's backbone prefix (`encoder.layer.0...` for `bert.encoder.layer.0...`), and the other way round
+    prefix = getattr(model, "base_model_prefix", "") + "."
+
+    def rename(k: str) -> str:
+        k = legacy(k)
+        if k in wanted or prefix == ".":
+            return k
+        return prefix + k if prefix + k in wanted else k.removeprefix(prefix)
+
     found = {}
     try:
         for f in _safetensors_files(directory):

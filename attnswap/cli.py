@@ -78,7 +78,7 @@ def _values(cfg_cls, given: dict) -> dict:
         field = cfg_cls.model_fields[name]
         if value is not None and is_path(cfg_cls, name) and isinstance(value, str):
             value = _path(value)
-        if isinstance(value, str) and typing.get_origin(field.annotation) is list:
+        if isinstance(value, str) and _cli_type(field.annotation)[2]:  # list[...] or list[...] | None
             value = [v.strip() for v in value.split(",") if v.strip()]
         out[name] = value
     return out
@@ -232,14 +232,16 @@ def eval_perplexity(values, source, as_json):
 @command(eval_app, "calibration", CalibrationConfig, extra=[("force", bool, _opt("--force", "overwrite an existing "
                                                                                  "--plot file", False)), JSON])
 def eval_calibration(values, source, force, as_json):
-    """Calibration of next-token predictions: accuracy, NLL, ECE (10 bins), Brier, entropy, member disagreement."""
+    """Calibration of next-token predictions (of a classifier: of its classes, on labelled examples): accuracy,
+    NLL, ECE (10 bins), Brier, entropy, member disagreement."""
     cfg = build(CalibrationConfig, **values)
     r = commands.eval_calibration(source, cfg, force=force)
+    over = (f"over {r['examples']} examples ({len(r['classes'])} classes)" if "examples" in r else
+            f"over {r['tokens']} predictions ({r['windows']} windows of {cfg.seq_len})")
     _emit(r, as_json, f"{source} ({r['members']} member{'s' if r['members'] > 1 else ''}): accuracy "
                       f"{r['accuracy']:.4f}  nll {r['nll']:.4f}  ece {r['ece']:.4f} (noise floor "
                       f"{r['ece_floor']:.4f})  brier {r['brier']:.4f}  entropy {r['entropy']:.4f}  "
-                      f"disagreement {r['disagreement']:.4f}  over {r['tokens']} predictions ({r['windows']} "
-                      f"windows of {cfg.seq_len})")
+                      f"disagreement {r['disagreement']:.4f}  {over}")
 
 
 @command(eval_app, "retrieval", RetrievalConfig, extra=[JSON])

@@ -95,9 +95,32 @@ def eval_calibration(source: str, cfg: CalibrationConfig, *, force: bool = False
             raise AttnswapError(f"--plot '{cfg.plot}' is a directory; give a .png file name")
         if plot.exists() and not force:
             raise AttnswapError(f"--plot '{cfg.plot}' already exists; pass --force to overwrite it")
-    _check_text_eval(source, cfg)
-    result = calibration(load_model(source, merge_lora=True), load_tokenizer(source), cfg.data,
-                         max_tokens=cfg.max_tokens, seq_len=cfg.seq_len, label=source)
+    from . import classification
+    from .models import check_comparable, load_config, max_positions
+
+    config = load_config(source)
+    others = cfg.ensemble or []
+    for other in others:
+        other_config = check_comparable(config, other, source)
+        if classification.is_classifier(other_config) != classification.is_classifier(config) or (
+                classification.head_labels(other_config) != classification.head_labels(config)):
+            raise AttnswapError(f"--ensemble {other} does not predict what {source} predicts (another task or other "
+                                "classes); an explicit ensemble needs models of one task")
+    if classification.is_classifier(config):  # labelled examples, one prediction each; --seq-len truncates them
+        examples = classification.read_examples(cfg.data)  # fails early on a text file
+        classification.check_labels(examples, classification.head_labels(config), cfg.data)
+        seq_len = min(cfg.seq_len, max_positions(config) or cfg.seq_len)
+        result = classification.calibration(load_model(source, merge_lora=True), load_tokenizer(source), cfg.data,
+                                            seq_len=seq_len, label=source,
+                                            others=[load_model(o, merge_lora=True) for o in others])
+    else:
+        for s in [source, *others]:
+            _check_text_eval(s, cfg)
+        result = calibration(load_model(source, merge_lora=True), load_tokenizer(source), cfg.data,
+                             max_tokens=cfg.max_tokens, seq_len=cfg.seq_len, label=source,
+                             others=[load_model(o, merge_lora=True) for o in others])
+    if others:
+        result["ensemble"] = [source, *others]
     require_finite(f"eval calibration of {source}", nll=result["nll"], ece=result["ece"])
     if cfg.plot is not None:
         outputs.write_file(outputs.user_path(cfg.plot), lambda tmp: reliability_plot({source: result}, tmp))
@@ -298,9 +321,33 @@ def finetune(source: str, cfg: FinetuneConfig, out: str, *, resume: bool = False
     guards = outputs.inputs(source, data=cfg.data)
     if outputs.writer_process():  # rank 0 of a multi-process run writes; the others only compute
         outputs.check_out(out, force or resume, guards)
-    _check_training(source, cfg)
-    model = load_model(source, merge_lora=True)
-    return do_finetune(model, load_tokenizer(source), cfg, out, resume=resume, force=force, protect=guards)
+    import torch
+
+    from .arch import is_causal_lm
+
+    config = _check_training(source, cfg)
+    tokenizer = load_tokenizer(source)
+    if cfg.task == "classification":
+        from . import classification
+
+        examples = classification.read_examples(cfg.data)
+        if classification.is_classifier(config):  # trained further: its head keeps its classes
+            names = classification.head_labels(config)
+            classification.check_labels(examples, names, cfg.data)
+        else:
+            names = classification.label_names(examples)
+        torch.manual_seed(cfg.seed)  # the new head's initialisation
+        model = load_model(source, merge_lora=True, labels=names)
+        classification.prepare_head(model, tokenizer, names)
+    else:
+        if not is_causal_lm(config):
+            from .classification import is_classifier
+
+            what = "a classifier" if is_classifier(config) else f"a {config.model_type} encoder"
+            raise AttnswapError(f"{source} is {what}, which has no next-token loss; fine-tune it with --task "
+                                "classification on labelled examples")
+        model = load_model(source, merge_lora=True)
+    return do_finetune(model, tokenizer, cfg, out, resume=resume, force=force, protect=guards)
 
 
 def generate(source: str, cfg: GenerateConfig) -> dict:

@@ -88,7 +88,8 @@ class DistillConfig(_Lengths):
 
 
 class FinetuneConfig(_Lengths):
-    data: str = Field(description="training text: a UTF-8 file, or 'wikitext-train' through datasets",
+    data: str = Field(description="training text: a UTF-8 file, or 'wikitext-train' through datasets (with --task "
+                                  "classification: a JSON Lines file of labelled examples)",
                       json_schema_extra=PATH)
     steps: int = Field(gt=0, description="optimizer steps")
     lora_r: int = Field(8, ge=0, description="LoRA rank on q/k/v/o (0: train only the plan's own parameters; a plan "
@@ -107,10 +108,21 @@ class FinetuneConfig(_Lengths):
     seed: int = Field(0, description="seed for the LoRA initialisation (the data is read in order from the start of "
                                       "the text)")
     parallel: Parallel = Field("ddp", description=PARALLEL_HELP)
+    task: Literal["lm", "classification"] = Field(
+        "lm", description="lm: next-token prediction on a text file; classification: a sequence-classification head "
+                          "(new, or the checkpoint's) trained with LoRA on a JSON Lines file of {\"text\", "
+                          "\"label\"[, \"text_pair\"]} examples, read in order and repeated (epochs = steps x "
+                          "batch-size / examples); --seq-len truncates each example")
     loss: Literal["ce", "kl"] = Field("ce", description="ce: next-token cross-entropy on the text; kl: KL divergence "
                                                       "from the original model's next-token distribution (the teacher "
                                                       "is the same model with its attention methods bypassed and the "
                                                       "LoRA off: no second copy)")
+
+    @model_validator(mode="after")
+    def _classification_loss(self):
+        if self.task == "classification" and self.loss == "kl":
+            raise ValueError("--loss kl distils next-token distributions; a classifier trains with --loss ce")
+        return self
 
 
 class _Text(_Lengths):
@@ -137,6 +149,9 @@ class EvalConfig(_Text):
 class CalibrationConfig(_Text):
     plot: str | None = Field(None, description="write the reliability diagram to this PNG file",
                              json_schema_extra=PATH)
+    ensemble: list[str] | None = Field(None, description="also these models, comma-separated: SOURCE and they are "
+                                                         "scored as one explicit ensemble (the mean of all their "
+                                                         "members' probabilities); same vocabulary or classes")
 
     @model_validator(mode="after")
     def _png(self):

@@ -172,11 +172,14 @@ def _hf_location(src: Source) -> str:
     return str(_gguf_cached_dir(src)) if src.gguf_file else src.location
 
 
-def _auto_class(config):
-    from transformers import AutoModel, AutoModelForCausalLM
+def _auto_class(config, classifier: bool = False):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from .arch import is_causal_lm
+    from .classification import is_classifier
 
+    if classifier or is_classifier(config):
+        return AutoModelForSequenceClassification
     return AutoModelForCausalLM if is_causal_lm(config) else AutoModel
 
 
@@ -243,13 +246,16 @@ def load_tokenizer(source: str | os.PathLike):
         raise _hub_error(src, e) from None
 
 
-def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, merge_lora: bool = False):
+def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, merge_lora: bool = False,
+               labels: list[str] | None = None):
     """Load a model from an alias, GGUF file, directory or hub id; a converted checkpoint comes back converted.
 
     A checkpoint written by `attnswap.save` carries an `attnswap` section in its config.json: its plan is
     applied again (no measurement: the stored options are resolved) and the methods' own tensors are loaded.
     Sections written by attnswap 0.1.0 load as the equivalent plan. A LoRA adapter saved beside it
-    (`adapter/`) is attached with PEFT, or merged into the weights when `merge_lora` is set.
+    (`adapter/`) is attached with PEFT, or merged into the weights when `merge_lora` is set. `labels`: load it
+    with a sequence-classification head of these classes (a new head, initialised from torch's global RNG, unless
+    the checkpoint is a classifier already: then they must be its classes).
     """
     from transformers.utils import logging as hf_logging
 
@@ -265,7 +271,11 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # method tensors are "unexpected" to the base class; we load them below
     try:
-        model = _auto_class(config).from_pretrained(location, dtype=dtype)
+        head = {}
+        if labels is not None:
+            head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                    "label2id": {n: i for i, n in enumerate(labels)}}
+        model = _auto_class(config, classifier=labels is not None).from_pretrained(location, dtype=dtype, **head)
     except Exception as e:  # noqa: BLE001
         raise _checkpoint_error(src, e) from None
     finally:

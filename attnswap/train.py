@@ -29,7 +29,7 @@ from .checkpoint import check_finite, first_non_finite, write_model
 from .config import FinetuneConfig
 from .data import training_ids, windows
 from .errors import AttnswapError, TrainingDiverged
-from .surgery import all_method_modules, bypassed, method_modules
+from .surgery import all_method_modules, base_model, bypassed, method_modules
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
@@ -58,6 +58,11 @@ def attach_lora(model, cfg: FinetuneConfig):
             p.requires_grad_(False)
     for p in variant_params:
         p.requires_grad_(True)
+    if cfg.task == "classification":  # the head is new (or was trained with the model): trained in full
+        from .classification import head_parameters
+
+        for p in head_parameters(base_model(model)):
+            p.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
         raise AttnswapError("nothing to train: --lora-r is 0 and the plan's methods have no trainable parameters")
     return model
@@ -211,7 +216,7 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int) -> tupl
     return state["step"], state["losses"], state.get("resumes", [])
 
 
-FIXED_ON_RESUME = ("data", "lora_r", "lora_alpha", "seq_len", "batch_size", "seed")
+FIXED_ON_RESUME = ("data", "lora_r", "lora_alpha", "seq_len", "batch_size", "seed", "task")
 
 
 def _check_resume(ckpt: Path, cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict]:
@@ -327,7 +332,16 @@ def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, 
 
     methods = list(method_modules(model).values())  # before prepare() wraps the model
     per_step = cfg.batch_size * world
-    rows = windows(training_ids(tokenizer, cfg.data, cfg.steps * per_step * cfg.seq_len), cfg.seq_len)
+    if cfg.task == "classification":
+        from . import classification
+
+        examples = classification.encode(tokenizer, classification.read_examples(cfg.data),
+                                         classification.head_labels(base_model(model).config), cfg.seq_len)
+        count = len(examples["labels"])
+    else:
+        rows = windows(training_ids(tokenizer, cfg.data, cfg.steps * per_step * cfg.seq_len), cfg.seq_len)
+        count = len(rows)
+    seen = 0  # tokens read (classification: the real tokens of the examples, padding not counted)
     if not sharded:  # accelerate's DDP; a sharded model's gradients are already averaged by FSDP
         model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -337,12 +351,17 @@ def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, 
     for step in range(start, cfg.steps):
         # step s, rank r reads rows [(s * world + r) * batch, ...): the data order survives --resume
         first = (step * world + rank) * cfg.batch_size
-        idx = torch.arange(first, first + cfg.batch_size) % len(rows)
-        batch = rows[idx].to(accelerator.device)
+        idx = torch.arange(first, first + cfg.batch_size) % count
         shown = _method_schedules(methods, step, cfg.steps)
-        if cfg.loss == "kl":
+        if cfg.task == "classification":
+            batch = classification.rows(examples, idx, accelerator.device)
+            seen += int(batch["attention_mask"].sum()) * world
+            loss = model(**batch).loss
+        elif cfg.loss == "kl":
+            batch = rows[idx].to(accelerator.device)
             loss = _kl_to_original(model, accelerator.unwrap_model(model), batch)
         else:
+            batch = rows[idx].to(accelerator.device)
             loss = model(input_ids=batch, labels=batch).loss
         mean_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
         where = f"the last good checkpoint is {last_ckpt.name}" if last_ckpt else "no checkpoint was written yet"
@@ -386,7 +405,9 @@ def _finetune(model, tokenizer, cfg: FinetuneConfig, run: Path, accelerator, *, 
         "steps": cfg.steps,
         "resumed_from": start if resume else None,
         "resumes": history,
-        "tokens": (cfg.steps - start) * per_step * cfg.seq_len,
+        "tokens": seen if cfg.task == "classification" else (cfg.steps - start) * per_step * cfg.seq_len,
+        **({"examples": len(examples["labels"]), "epochs": round(cfg.steps * per_step / count, 3)}
+           if cfg.task == "classification" else {}),
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         # single-step losses are noisy; the card quotes means over the first and last 10 steps

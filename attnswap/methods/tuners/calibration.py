@@ -97,48 +97,71 @@ def ece_floor(reliability: list[dict], samples: int = 2000, seed: int = 0) -> fl
     return float(((hits / n - conf).abs() * n).sum(-1).mean() / n.sum())
 
 
+class Scores:
+    """The tallies of an ensemble's predictions and of each member's, fed block by block."""
+
+    def __init__(self, members: int):
+        self.n = members
+        self.ens, self.members = _Tally(), [_Tally() for _ in range(members)]
+        self.disagree = 0.0
+
+    def add(self, lp: torch.Tensor, y: torch.Tensor) -> None:
+        """lp [N, P, C] the members' log-probabilities of P predictions, y [P] the true classes."""
+        mean = torch.logsumexp(lp, dim=0) - torch.log(torch.tensor(float(self.n)))
+        top = self.ens.add(mean, y, full=True)
+        for m in range(self.n):
+            own = self.members[m].add(lp[m], y)
+            self.disagree += float((own != top).double().sum()) / self.n
+
+    def result(self) -> dict:
+        ens = self.ens
+        return {
+            **ens.summary(),
+            "brier": ens.brier / ens.n,
+            "entropy": ens.entropy / ens.n,
+            "disagreement": self.disagree / ens.n,
+            "members": self.n,
+            "member_scores": [m.summary() for m in self.members] if self.n > 1 else [],
+            "ece_floor": ece_floor(ens.reliability()),
+            "reliability": ens.reliability(),
+            "bins": BINS,
+        }
+
+
+def member_logits(models: list, **inputs) -> torch.Tensor:
+    """Every member's logits of every model, stacked member-major: [sum of members x B, ...]."""
+    out = []
+    for model in models:
+        with per_member(model):
+            out.append(model(**inputs).logits)
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
 @torch.no_grad()
 def calibration(model, tokenizer, data: str, *, max_tokens: int | None = None, seq_len: int = 1024,
-                progress: bool = True, label: str = "model") -> dict:
-    """Accuracy, NLL, ECE, Brier, entropy, member disagreement (and per-member scores) on `data`."""
+                progress: bool = True, label: str = "model", others: tuple = ()) -> dict:
+    """Accuracy, NLL, ECE, Brier, entropy, member disagreement (and per-member scores) on `data`. `others`:
+    further models scored with `model` as one explicit ensemble (the mean of all their members' probabilities)."""
     rows = protocol_windows(model, tokenizer, data, max_tokens, seq_len, label)
-    n = member_count(model)
+    models = [model, *others]
+    n = sum(member_count(m) for m in models)
     device = next(model.parameters()).device
-    model.eval()
-    ens, members = _Tally(), [_Tally() for _ in range(n)]
-    disagree = 0.0
+    for m in models:
+        m.eval()
+    scores = Scores(n)
     start = time.perf_counter()
     bar = tqdm(total=len(rows), desc=f"calibration {label}", unit="win", disable=not progress, leave=False)
     for row in rows:
         batch = row[None].to(device)
-        with per_member(model):
-            logits = model(input_ids=batch).logits  # [N, T, V]
+        logits = member_logits(models, input_ids=batch)  # [N, T, V]
         y = batch[0, 1:]
         for s in range(0, seq_len - 1, CHUNK):
             lp = torch.log_softmax(logits[:, s : min(s + CHUNK, seq_len - 1)].float(), dim=-1)  # [N, P, V]
-            yy = y[s : s + lp.shape[1]]
-            mean = torch.logsumexp(lp, dim=0) - torch.log(torch.tensor(float(n)))
-            top = ens.add(mean, yy, full=True)
-            for m in range(n):
-                own = members[m].add(lp[m], yy)
-                disagree += float((own != top).double().sum()) / n
+            scores.add(lp, y[s : s + lp.shape[1]])
         bar.update(1)
     bar.close()
-    return {
-        **ens.summary(),
-        "brier": ens.brier / ens.n,
-        "entropy": ens.entropy / ens.n,
-        "disagreement": disagree / ens.n,
-        "members": n,
-        "member_scores": [m.summary() for m in members] if n > 1 else [],
-        "ece_floor": ece_floor(ens.reliability()),
-        "reliability": ens.reliability(),
-        "bins": BINS,
-        "tokens": ens.n,
-        "windows": len(rows),
-        "seq_len": seq_len,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    return {**scores.result(), "tokens": scores.ens.n, "windows": len(rows), "seq_len": seq_len,
+            "seconds": round(time.perf_counter() - start, 2)}
 
 
 def reliability_plot(results: dict[str, dict], path) -> None:

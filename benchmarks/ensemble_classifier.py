@@ -1,0 +1,120 @@
+"""LoRA-Ensemble on a small classifier trained for many epochs: MiniLM-L6 + a head on next-sentence pairs, through
+the CLI only.
+
+    python benchmarks/ensemble_classifier.py --arms single,explicit4,ens4,ens8 --out docs/bench/ensemble-classifier-cpu
+
+The task (benchmarks/nextsent_task.py): does sentence B follow sentence A, or is it from elsewhere in the same
+article; 512 training pairs of Wikipedia prose, 2,000 held-out pairs of other Wikipedia articles (same domain)
+and 2,000 of WikiText-2 test (tokenised text: another domain). Every arm runs these commands:
+
+    attnswap convert minilm-l6 --to lora-ensemble --set members=N --set seed=S --out W/conv-N-S
+    attnswap finetune W/conv-N-S --task classification --data train.jsonl --steps ... --seed S --out W/arm
+    attnswap eval calibration W/arm --data test-....jsonl --json
+
+- `single`: 1 member (one LoRA r 8 on q/k/v/o and the head), seed 0;
+- `ensN`: N members trained together in `repeat` mode (every member sees every example: N times the compute);
+  the head is shared by the members and trained with them;
+- `explicitN`: N single models trained on their own (seeds 0..N-1: their LoRA and head initialisations differ),
+  scored as one ensemble by `eval calibration single-0 --ensemble single-1,...`: the same training compute as ensN.
+Prints the tables; writes <out>.json and <out>-same.png / <out>-other.png (reliability diagrams).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from attnswap.methods.tuners.calibration import reliability_plot
+
+METRICS = ("accuracy", "nll", "ece", "ece_floor", "brier", "entropy", "disagreement")
+
+
+def cli(*args: str) -> dict | None:
+    cmd = ["attnswap", *args]
+    print("$ " + " ".join(cmd), flush=True)
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if r.returncode:
+        sys.exit(f"failed ({r.returncode}): {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ''}")
+    return json.loads(r.stdout) if "--json" in args else None
+
+
+def table(rows: list[dict], domain: str) -> str:
+    lines = [f"held-out: {domain}", "| model | members | train s | " + " | ".join(METRICS) + " | ece / floor |",
+             "|---|---:|---:|" + "---:|" * (len(METRICS) + 1)]
+    for r in rows:
+        c = r["calibration"][domain]
+        lines.append(f"| {r['arm']} | {c['members']} | {r.get('train_seconds', '-')} | "
+                     + " | ".join(f"{c[m]:.4f}" for m in METRICS) + f" | {c['ece'] / c['ece_floor']:.1f} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="minilm-l6")
+    ap.add_argument("--arms", default="single,explicit4,ens4,ens8")
+    ap.add_argument("--task", default="runs/nextsent", help="folder of benchmarks/nextsent_task.py's files")
+    ap.add_argument("--steps", type=int, default=320)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--work", default="runs/ensemble-classifier")
+    ap.add_argument("--out", default="docs/bench/ensemble-classifier-cpu")
+    args = ap.parse_args()
+    task, work = Path(args.task), Path(args.work)
+    if not (task / "train.jsonl").is_file():
+        subprocess.run([sys.executable, str(Path(__file__).parent / "nextsent_task.py"), "--out", str(task)],
+                       check=True)
+    domains = {"wikipedia (same domain)": task / "test-wikipedia.jsonl",
+               "wikitext (other domain)": task / "test-wikitext.jsonl"}
+    out = Path(args.out + ".json")
+    doc = json.loads(out.read_text()) if out.is_file() else {"rows": []}
+    doc["command"] = "python benchmarks/ensemble_classifier.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
+    doc["machine"] = "2-core CPU (torch 2.13.0, fp32)"
+    doc["examples"] = sum(1 for _ in open(task / "train.jsonl"))
+    doc["epochs"] = args.steps * args.batch_size / doc["examples"]
+    trained: dict[str, float] = {}
+
+    def train(members: int, seed: int, name: str) -> Path:
+        run = work / name
+        if name not in trained:
+            conv = work / f"conv-{members}-{seed}"
+            cli("convert", args.model, "--to", "lora-ensemble", "--set", f"members={members}", "--set",
+                f"seed={seed}", "--out", str(conv), "--force")
+            t0 = time.perf_counter()
+            cli("finetune", str(conv), "--task", "classification", "--data", str(task / "train.jsonl"), "--steps",
+                str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr",
+                str(args.lr), "--seed", str(seed), "--save-every", str(args.steps), "--out", str(run), "--force")
+            trained[name] = round(time.perf_counter() - t0, 1)
+        return run
+
+    for arm in args.arms.split(","):
+        if arm == "single" or arm.startswith("explicit"):
+            n = 1 if arm == "single" else int(arm[len("explicit"):])
+            runs = [train(1, s, f"single-{s}") for s in range(n)]
+            extra = ["--ensemble", ",".join(map(str, runs[1:]))] if n > 1 else []
+            seconds = round(sum(trained[f"single-{s}"] for s in range(n)), 1)
+        elif arm.startswith("ens"):
+            runs, extra = [train(int(arm[3:]), 0, arm)], []
+            seconds = trained[arm]
+        else:
+            sys.exit(f"unknown arm '{arm}': single, ensN or explicitN")
+        cal = {d: cli("eval", "calibration", str(runs[0]), "--data", str(path), "--json", *extra)
+               for d, path in domains.items()}
+        row = {"arm": arm, "train_seconds": seconds, "calibration": cal}
+        doc["rows"] = [r for r in doc["rows"] if r["arm"] != arm] + [row]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2))
+        for d in domains:
+            print(table([row], d), flush=True)
+    for i, d in enumerate(domains):
+        print(table(doc["rows"], d))
+        reliability_plot({r["arm"]: r["calibration"][d] for r in doc["rows"]}, f"{args.out}-{['same', 'other'][i]}.png")
+    print(f"wrote {out} and {args.out}-same.png / -other.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -35,7 +35,7 @@ class ConvertConfig(_Config):
                                                       "selection) measure it", json_schema_extra=PATH)
     calibration_tokens: int = Field(4096, ge=2, description="calibration tokens, drawn as windows from the text")
     calibration_seq_len: int = Field(512, ge=2, description="calibration window length")
-    seed: int = Field(0, description="seed for drawing the calibration windows, the layer selection and the new parameters' initialisation")
+    seed: int = Field(0, description="seed for drawing the calibration windows, the layer selection and the new parameters' initialisation (with --to, also the method's own `seed` option unless --set gives it)")
 
     @model_validator(mode="after")
     def _one_way(self):
@@ -50,7 +50,12 @@ class ConvertConfig(_Config):
         from . import plan
 
         if self.plan is None:
-            return plan.shorthand(self.to, self.options, self.layers)
+            from .methods import find
+
+            options = dict(self.options)
+            if self.seed and "seed" in find(self.to).Options.model_fields:  # the method's own seed, unless --set
+                options.setdefault("seed", self.seed)
+            return plan.shorthand(self.to, options, self.layers)
         return plan.read(self.plan) if isinstance(self.plan, str) else self.plan
 
     def calibration_for(self, tokenizer):
@@ -105,8 +110,9 @@ class FinetuneConfig(_Lengths):
     batch_size: int = Field(1, ge=1, description="sequences per step per process")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     save_every: int = Field(50, ge=1, description="write a resumable checkpoint every N steps")
-    seed: int = Field(0, description="seed for the LoRA initialisation (the data is read in order from the start of "
-                                      "the text)")
+    seed: int = Field(0, description="seed for the PEFT LoRA initialisation and a new classification head (a plan's "
+                                      "tuner is initialised by convert: its --seed); the data is read in order from "
+                                      "the start")
     parallel: Parallel = Field("ddp", description=PARALLEL_HELP)
     task: Literal["lm", "classification"] = Field(
         "lm", description="lm: next-token prediction on a text file; classification: a sequence-classification head "

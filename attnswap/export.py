@@ -11,6 +11,7 @@ import torch
 
 from . import outputs
 from .arch import is_causal_lm
+from .classification import is_classifier
 from .checkpoint import read_metrics, write_model
 from .errors import AttnswapError, NumericalError
 from .models import load_model, load_tokenizer, resolve
@@ -20,7 +21,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHARD_SIZE = "2GB"
 
 
-def card_metadata(section: dict | None, source: dict, causal: bool) -> str:
+def card_metadata(section: dict | None, source: dict, causal: bool, classifier: bool = False) -> str:
     """The YAML block the hub reads: base_model, library_name, tags, pipeline_tag, license (when the original
     states one). A converted model needs attnswap to load (library `attnswap`); a plain one loads with
     transformers."""
@@ -31,15 +32,16 @@ def card_metadata(section: dict | None, source: dict, causal: bool) -> str:
     methods = sorted({part.get("method") or part.get("policy") for part in parts if part})
     data = ModelCardData(base_model=source.get("base_model"), license=source.get("license"),
                          language=source.get("language"), library_name="attnswap" if section else "transformers",
-                         pipeline_tag="text-generation" if causal else "feature-extraction",
+                         pipeline_tag=("text-classification" if classifier else "text-generation" if causal
+                                       else "feature-extraction"),
                          tags=["attnswap", *(f"attnswap-{m}" for m in methods)])
     return "---\n" + data.to_yaml() + "\n---\n"
 
 
 def model_card(name: str, section: dict | None, metrics: dict, recipe: str | None, origin: str | None = None,
-               source: dict | None = None, causal: bool = True) -> str:
+               source: dict | None = None, causal: bool = True, classifier: bool = False) -> str:
     source = source or {}
-    lines = [card_metadata(section, source, causal), f"# {name}", "",
+    lines = [card_metadata(section, source, causal, classifier), f"# {name}", "",
              "Exported by attnswap (attention surgery for pretrained transformers).", ""]
     if source.get("base_model"):
         lines += [f"Base model: [{source['base_model']}](https://huggingface.co/{source['base_model']})"
@@ -102,7 +104,8 @@ def model_card(name: str, section: dict | None, metrics: dict, recipe: str | Non
                   f'path = snapshot_download("YOUR-NAME/{name}")  # or the local path of this folder',
                   "model = attnswap.load_model(path)", "tokenizer = attnswap.load_tokenizer(path)"]
     else:
-        cls = "AutoModelForCausalLM" if causal else "AutoModel"
+        cls = ("AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM" if causal
+               else "AutoModel")
         lines += [f"from transformers import AutoTokenizer, {cls}", "",
                   f'model = {cls}.from_pretrained("YOUR-NAME/{name}")  # or the local path of this folder',
                   f'tokenizer = AutoTokenizer.from_pretrained("YOUR-NAME/{name}")']
@@ -207,7 +210,8 @@ def _export(source, out, *, merge_lora, dtype, force, member, keep_fp32, guards,
             (tmp / "recipe.yaml").write_text(recipe)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         card = model_card(Path(out).name, base.config.attnswap if section else None, metrics, recipe, origin,
-                          source=getattr(base.config, "attnswap_origin", None), causal=is_causal_lm(base.config))
+                          source=getattr(base.config, "attnswap_origin", None), causal=is_causal_lm(base.config),
+                          classifier=is_classifier(base.config))
         if report is not None:
             shutil.copytree(report, tmp / "report", ignore=shutil.ignore_patterns(outputs.MANIFEST))
             head, sep, load = card.partition("## Load")

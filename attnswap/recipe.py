@@ -108,8 +108,12 @@ def validate(recipe: Recipe, out: str | None, force: bool, recipe_path: str | No
         batch = getattr(cfg, "batch_size", 1)
         check_fits(config, batch, cfg.seq_len, training=step in ("distill", "finetune"),
                    flags=f"{step}.batch_size or {step}.seq_len")
-    if (recipe.eval or recipe.eval_calibration or recipe.eval_memory or recipe.generate) and not is_causal_lm(config):
-        raise AttnswapError(f"recipe evaluations and generation need a causal LM; {recipe.model} is a "
+    if recipe.finetune is not None and recipe.finetune.task == "classification":
+        raise AttnswapError("a recipe fine-tunes language models; train a classifier with 'attnswap finetune "
+                            "CONVERTED --task classification' on the recipe's converted checkpoint")
+    if (recipe.eval or recipe.eval_calibration or recipe.eval_memory or recipe.generate or recipe.finetune) and \
+            not is_causal_lm(config):
+        raise AttnswapError(f"recipe fine-tuning, evaluations and generation need a causal LM; {recipe.model} is a "
                             f"{config.model_type} encoder")
     if recipe.eval_retrieval is not None:
         check_data(recipe.eval_retrieval.data)

@@ -41,20 +41,25 @@ def all_method_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def convert(model: nn.Module, what: str | dict | plans.PlanSpec, layers: str | list[int] | None = None, *,
-            calibration=None, seed: int = 0, **options: Any) -> nn.Module:
+            calibration=None, seed: int | None = None, **options: Any) -> nn.Module:
     """Apply a plan to `model` in place; returns the model.
 
     `what` is a plan (a dict as in a plan YAML, or a `PlanSpec`) or one method's name, with `layers` and
     `options` the shorthand (`convert(model, name, layers="0-9", **options)`). The original
     projections stay where they were; `revert` undoes it. `calibration` (`attnswap.data.calibration(...)`) is
     text for methods that measure the original model first (dex's head selection); what they measured is
-    stored in the plan's options. `seed` seeds the layer selection and the new parameters' initialisation, so
-    the same plan converts to the same weights.
+    stored in the plan's options. `seed` (default 0) seeds the layer selection and the new parameters'
+    initialisation, so the same plan converts to the same weights; with the one-method shorthand it is also that
+    method's own `seed` option where it has one (lora-ensemble's members), unless `options` give it.
     """
     base = base_model(model)
     if getattr(base.config, "attnswap", None):
         raise AttnswapError("this model is already converted; convert the original model instead")
     if isinstance(what, str):
+        from .methods import find
+
+        if seed is not None and "seed" in find(what).Options.model_fields:
+            options.setdefault("seed", seed)
         spec = plans.shorthand(what, options, layers)
     else:
         if layers is not None or options:
@@ -72,7 +77,7 @@ def convert(model: nn.Module, what: str | dict | plans.PlanSpec, layers: str | l
         if part.auto is not None:
             from .methods.attention.selection import select
 
-            chosen, selected[f"attention.{i}"] = select(model, part, calibration, seed=seed)
+            chosen, selected[f"attention.{i}"] = select(model, part, calibration, seed=seed or 0)
             explicit = plans.spec(spec).model_dump()
             explicit["attention"][i]["layers"] = chosen
             plan = plans.resolve(explicit, adapter, len(sites))
@@ -81,7 +86,7 @@ def convert(model: nn.Module, what: str | dict | plans.PlanSpec, layers: str | l
         prepared = part.cls.prepare(model, part.options, part.layers, calibration)
         part.options, buffers[key] = prepared.options, prepared.buffers
         part.prepared = {**prepared.record, **({"selection": selected[key]} if key in selected else {})}
-    torch.manual_seed(seed)
+    torch.manual_seed(seed or 0)
     attach(base, plan, adapter, sites, buffers)
     base.config.attnswap = plans.section(plan, {"swapped": [s.path for s in sites], "versions": _versions()})
     return model

@@ -4,8 +4,8 @@ the CLI only.
     python benchmarks/ensemble_classifier.py --arms single,explicit4,ens4,ens8 --out docs/bench/ensemble-classifier-cpu
 
 The task (benchmarks/nextsent_task.py): does sentence B follow sentence A, or is it from elsewhere in the same
-article; 512 training pairs of Wikipedia prose, 2,000 held-out pairs of other Wikipedia articles (same domain)
-and 2,000 of WikiText-2 test (tokenised text: another domain). Every arm runs these commands:
+article; --train-examples pairs of Wikipedia prose, --test-examples held-out pairs of other Wikipedia articles
+(same domain) and as many of WikiText-2 test (tokenised text: another domain). Every arm runs these commands:
 
     attnswap convert minilm-l6 --to lora-ensemble --set members=N --set seed=S --out W/conv-N-S
     attnswap finetune W/conv-N-S --task classification --data train.jsonl --steps ... --seed S --out W/arm
@@ -55,18 +55,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="minilm-l6")
     ap.add_argument("--arms", default="single,explicit4,ens4,ens8")
-    ap.add_argument("--task", default="runs/nextsent", help="folder of benchmarks/nextsent_task.py's files")
-    ap.add_argument("--steps", type=int, default=320)
+    ap.add_argument("--task", default=None, help="folder of benchmarks/nextsent_task.py's files (made "
+                                                           "with --train-examples / --test-examples if absent)")
+    ap.add_argument("--train-examples", type=int, default=256)
+    ap.add_argument("--test-examples", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=160)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--work", default="runs/ensemble-classifier")
     ap.add_argument("--out", default="docs/bench/ensemble-classifier-cpu")
     args = ap.parse_args()
-    task, work = Path(args.task), Path(args.work)
+    task = Path(args.task or f"runs/nextsent-{args.train_examples}-{args.test_examples}")
+    work = Path(args.work)
     if not (task / "train.jsonl").is_file():
-        subprocess.run([sys.executable, str(Path(__file__).parent / "nextsent_task.py"), "--out", str(task)],
-                       check=True)
+        subprocess.run([sys.executable, str(Path(__file__).parent / "nextsent_task.py"), "--out", str(task),
+                        "--train", str(args.train_examples), "--test", str(args.test_examples)], check=True)
     domains = {"wikipedia (same domain)": task / "test-wikipedia.jsonl",
                "wikitext (other domain)": task / "test-wikitext.jsonl"}
     out = Path(args.out + ".json")

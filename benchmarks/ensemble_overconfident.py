@@ -14,7 +14,8 @@ Arms (each converts the original to `lora-ensemble` and trains it with `attnswap
 schedule, data order all equal; `repeat` mode, so every member sees every token):
 - `single`: 1 member (one LoRA), seed 0;
 - `ensN`: N members in one model, trained together (N times the single model's compute);
-- `explicitN`: N independently trained 1-member models (seeds 0..N-1; seed 0 is `single`), their LoRAs then
+- `explicitN`: N independently trained 1-member models (member seeds 0..N-1: their A matrices differ; seed 0 is
+  `single`), their LoRAs then
   stacked as the N members of one lora-ensemble model, so it is scored in the same batched forward: an explicit
   ensemble of independent LoRAs at the same training compute as `ensN`.
 Each model is scored by `attnswap eval calibration`'s function on both held-out texts (windows of

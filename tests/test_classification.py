@@ -111,6 +111,17 @@ def test_lora_ensemble_classifier_and_explicit_ensemble(capsys, tiny_dirs, task,
     assert r["members"] == 3 and len(r["member_scores"]) == 3
     assert abs(r["accuracy"] - acc) <= 1e-9 and abs(r["nll"] - nll) <= 1e-5 and abs(r["ece"] - ece) <= 1e-5
 
+    # export --member 1: a plain classifier that transformers loads alone, equal to member 1
+    code, _, err = run_cli(capsys, "export", tmp_path / "ens", "--member", 1, "--out", tmp_path / "member1")
+    assert code == 0, err
+    from transformers import AutoModelForSequenceClassification
+
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "member1").eval()
+    with torch.no_grad():
+        assert (plain(**enc).logits - b[2:4]).abs().max() <= 1e-4
+    card = (tmp_path / "member1" / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card and "AutoModelForSequenceClassification" in card
+
     # an explicit ensemble: this 3-member model and a single classifier, through the CLI
     single = tmp_path / "single"
     code, _, err = run_cli(capsys, "finetune", tiny_dirs["bert"], "--task", "classification", "--data",
@@ -171,3 +182,18 @@ def test_classification_input_errors(capsys, tiny_dirs, task, tmp_path):
     code, _, err = run_cli(capsys, "eval", "calibration", cls, "--data", task / "test.jsonl", "--ensemble",
                            tiny_dirs["bert"])
     one_line(code, err, "--ensemble", "one task")
+
+
+def test_recipes_refuse_classification_and_encoder_finetunes(capsys, tiny_dirs, task, tmp_path):
+    import yaml
+
+    for model, finetune_step, fragment in [
+        (tiny_dirs["llama"], {"task": "classification", "data": str(task / "train.jsonl")}, "--task classification"),
+        (tiny_dirs["bert"], {"data": str(WIKI_TEST)}, "need a causal LM"),
+    ]:
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump({"model": str(model), "convert": {"to": "lora-ensemble"},
+                                        "finetune": {"steps": 1, "seq_len": 32, **finetune_step}}))
+        code, _, err = run_cli(capsys, "run", path, "--out", tmp_path / "run")
+        one_line(code, err, fragment)
+        assert not (tmp_path / "run").exists()

@@ -277,3 +277,25 @@ def test_eval_calibration_cli_single_and_ensemble(tiny_dirs, tmp_path, capsys):
     assert ens["nll"] <= sum(m["nll"] for m in ens["member_scores"]) / 3 + 1e-9  # Jensen: mixture beats the mean NLL
     assert main(["eval", "calibration", str(tmp_path / "ens"), *args, "--plot", str(tmp_path / "r.png")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_convert_seed_reaches_the_members_initialisation(tiny_dirs, capsys, tmp_path):
+    """convert(..., seed=s) and `convert --seed s` seed the members' A matrices (lora-ensemble's own `seed`
+    option) unless the options give it: separately converted single members differ."""
+    from attnswap.cli import main
+
+    def first_a(model):
+        return next(iter(method_modules(model, "tuner").values())).lora_A["q"].detach().clone()
+
+    a = [first_a(attnswap.convert(attnswap.load_model(tiny_dirs["llama"]), "lora-ensemble", members=1, seed=s))
+         for s in (0, 1)]
+    assert (a[0] - a[1]).abs().max() > 1e-3
+    given = attnswap.convert(attnswap.load_model(tiny_dirs["llama"]), "lora-ensemble", members=1, seed=1,
+                             **{"r": 8})
+    assert given.config.attnswap["plan"]["tuner"]["options"]["seed"] == 1
+    assert main(["convert", str(tiny_dirs["llama"]), "--to", "lora-ensemble", "--set", "members=1", "--seed", "1",
+                 "--out", str(tmp_path / "s1")]) == 0
+    assert (first_a(attnswap.load_model(tmp_path / "s1")) - a[1]).abs().max() == 0
+    assert main(["convert", str(tiny_dirs["llama"]), "--to", "lora-ensemble", "--set", "members=1", "--set", "seed=0",
+                 "--seed", "1", "--out", str(tmp_path / "s0")]) == 0
+    assert (first_a(attnswap.load_model(tmp_path / "s0")) - a[0]).abs().max() == 0

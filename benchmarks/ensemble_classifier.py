@@ -59,6 +59,8 @@ def main():
                                                            "with --train-examples / --test-examples if absent)")
     ap.add_argument("--train-examples", type=int, default=256)
     ap.add_argument("--test-examples", type=int, default=600)
+    ap.add_argument("--negatives", default="same-article", choices=["same-article", "other-article"],
+                    help="nextsent_task.py's negatives: same-article (hard) or other-article (easier)")
     ap.add_argument("--steps", type=int, default=160)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=64)
@@ -66,11 +68,12 @@ def main():
     ap.add_argument("--work", default="runs/ensemble-classifier")
     ap.add_argument("--out", default="docs/bench/ensemble-classifier-cpu")
     args = ap.parse_args()
-    task = Path(args.task or f"runs/nextsent-{args.train_examples}-{args.test_examples}")
+    task = Path(args.task or f"runs/nextsent-{args.negatives}-{args.train_examples}-{args.test_examples}")
     work = Path(args.work)
     if not (task / "train.jsonl").is_file():
         subprocess.run([sys.executable, str(Path(__file__).parent / "nextsent_task.py"), "--out", str(task),
-                        "--train", str(args.train_examples), "--test", str(args.test_examples)], check=True)
+                        "--train", str(args.train_examples), "--test", str(args.test_examples), "--negatives",
+                        args.negatives], check=True)
     domains = {"wikipedia (same domain)": task / "test-wikipedia.jsonl",
                "wikitext (other domain)": task / "test-wikitext.jsonl"}
     out = Path(args.out + ".json")

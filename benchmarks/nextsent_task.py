@@ -5,8 +5,9 @@
 Writes JSON Lines files for `attnswap finetune --task classification` and `attnswap eval calibration`, each line
 {"text": A, "text_pair": B, "label": "next" | "other"}, half of each label:
 - "next": B is the sentence right after A in the same paragraph;
-- "other": B is a sentence of the same article at least 3 sentences away from A (same topic, so the task is
-  about order and coherence, not topic).
+- "other": with --negatives same-article (default), a sentence of the same article at least 3 sentences away
+  from A (same topic: the task is about order and coherence, and hard for a small encoder); with --negatives
+  other-article, a sentence of another article (a change of topic gives it away: an easier task).
 Files:
 - train.jsonl (--train examples): Wikipedia prose (train-wikipedia-enwiki2021.txt) from its first article on;
 - test-wikipedia.jsonl (--test examples): the same file from character 8,000,000 (other articles);
@@ -59,7 +60,7 @@ def wikitext_articles(text: str) -> list[list[list[str]]]:
     return [a for a in articles if sum(len(p) for p in a) >= 6]
 
 
-def examples(articles, n: int, rng: random.Random) -> list[dict]:
+def examples(articles, n: int, rng: random.Random, negatives: str = "same-article") -> list[dict]:
     out = []
     per_article = max(4, -(-2 * n // len(articles)))  # anchors per article: many articles, not a few long ones
     order = list(range(len(articles)))
@@ -74,6 +75,11 @@ def examples(articles, n: int, rng: random.Random) -> list[dict]:
             a = art[pi][si]
             if len(out) % 2 == 0:
                 out.append({"text": a, "text_pair": art[pi][si + 1], "label": "next"})
+            elif negatives == "other-article":
+                other = articles[rng.choice([i for i in range(max(0, ai - 50), min(len(articles), ai + 50))
+                                             if i != ai])]
+                para = rng.choice(other)
+                out.append({"text": a, "text_pair": rng.choice(para), "label": "other"})
             else:
                 far = [x for x in flat if abs(pos[x] - pos[(pi, si)]) >= 3]
                 if not far:
@@ -91,16 +97,18 @@ def main():
     ap.add_argument("--train", type=int, default=512)
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--negatives", default="same-article", choices=["same-article", "other-article"])
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     wiki = (DATA / "train-wikipedia-enwiki2021.txt").read_text(encoding="utf-8")
     sets = {
-        "train.jsonl": examples(wikipedia_articles(wiki[:4_000_000]), args.train, random.Random(args.seed)),
+        "train.jsonl": examples(wikipedia_articles(wiki[:4_000_000]), args.train, random.Random(args.seed),
+                                args.negatives),
         "test-wikipedia.jsonl": examples(wikipedia_articles(wiki[8_000_000:]), args.test,
-                                         random.Random(args.seed + 1)),
+                                         random.Random(args.seed + 1), args.negatives),
         "test-wikitext.jsonl": examples(wikitext_articles((DATA / "wikitext2-test.txt").read_text(encoding="utf-8")),
-                                        args.test, random.Random(args.seed + 2)),
+                                        args.test, random.Random(args.seed + 2), args.negatives),
     }
     for name, rows in sets.items():
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -125,18 +125,14 @@ def calibration(model, tokenizer, data: str, *, seq_len: int = 512, batch_size: 
     """Accuracy, NLL, ECE, Brier, entropy, member disagreement (and per-member scores) over the examples of a
     labelled file: the same measures as next-token calibration, one prediction per example. `others`: further
     classifiers of the same classes scored with `model` as one explicit ensemble."""
-    from .methods.tuners.calibration import Scores, member_logits
-    from .methods.tuners.members import member_count
+    from .methods.tuners.calibration import Scores, member_logits, scored_models
 
     examples = read_examples(data)
     names = head_labels(model.config)
     check_labels(examples, names, data)
     enc = encode(tokenizer, examples, names, seq_len)
-    models = [model, *others]
-    n = sum(member_count(m) for m in models)
+    models, n = scored_models(model, others)
     device = next(model.parameters()).device
-    for m in models:
-        m.eval()
     scores = Scores(n)
     start = time.perf_counter()
     for s in tqdm(range(0, len(examples), batch_size), desc=f"calibration {label}", disable=not progress,

@@ -121,3 +121,38 @@ def make_step(fn, x, mode):
         return out
 
     return step
+
+
+CALIBRATION = ("accuracy", "nll", "ece", "ece_floor", "brier", "entropy", "disagreement")
+
+
+def calibration_table(rows: list[dict], domain: str) -> str:
+    """Markdown table of calibration rows ({"arm", "train_seconds", "calibration": {domain: result}})."""
+    lines = [f"held-out: {domain}", "| model | members | train s | " + " | ".join(CALIBRATION) + " | ece / floor |",
+             "|---|---:|---:|" + "---:|" * (len(CALIBRATION) + 1)]
+    for r in rows:
+        c = r["calibration"][domain]
+        lines.append(f"| {r['arm']} | {c['members']} | {r.get('train_seconds', '-')} | "
+                     + " | ".join(f"{c[m]:.4f}" for m in CALIBRATION) + f" | {c['ece'] / c['ece_floor']:.1f} |")
+    return "\n".join(lines)
+
+
+def record_arm(doc: dict, out, row: dict) -> None:
+    """Replace the arm's row in doc, write it to `out` (JSON) at once, print its tables."""
+    import json
+
+    doc["rows"] = [r for r in doc["rows"] if r["arm"] != row["arm"]] + [row]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2))
+    for d in row["calibration"]:
+        print(calibration_table([row], d), flush=True)
+
+
+def finish_arms(doc: dict, domains: list[str], out: str) -> None:
+    """Print every arm's tables and draw one reliability diagram per domain: <out>-same.png, <out>-other.png."""
+    from attnswap.methods.tuners.calibration import reliability_plot
+
+    for i, d in enumerate(domains):
+        print(calibration_table(doc["rows"], d))
+        reliability_plot({r["arm"]: r["calibration"][d] for r in doc["rows"]}, f"{out}-{['same', 'other'][i]}.png")
+    print(f"wrote {out}.json and {out}-same.png / -other.png")

@@ -27,9 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from attnswap.methods.tuners.calibration import reliability_plot
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import finish_arms, record_arm  # noqa: E402
 
-METRICS = ("accuracy", "nll", "ece", "ece_floor", "brier", "entropy", "disagreement")
 
 
 def cli(*args: str) -> dict | None:
@@ -41,14 +41,6 @@ def cli(*args: str) -> dict | None:
     return json.loads(r.stdout) if "--json" in args else None
 
 
-def table(rows: list[dict], domain: str) -> str:
-    lines = [f"held-out: {domain}", "| model | members | train s | " + " | ".join(METRICS) + " | ece / floor |",
-             "|---|---:|---:|" + "---:|" * (len(METRICS) + 1)]
-    for r in rows:
-        c = r["calibration"][domain]
-        lines.append(f"| {r['arm']} | {c['members']} | {r.get('train_seconds', '-')} | "
-                     + " | ".join(f"{c[m]:.4f}" for m in METRICS) + f" | {c['ece'] / c['ece_floor']:.1f} |")
-    return "\n".join(lines)
 
 
 def main():
@@ -111,16 +103,8 @@ def main():
             sys.exit(f"unknown arm '{arm}': single, ensN or explicitN")
         cal = {d: cli("eval", "calibration", str(runs[0]), "--data", str(path), "--json", *extra)
                for d, path in domains.items()}
-        row = {"arm": arm, "train_seconds": seconds, "calibration": cal}
-        doc["rows"] = [r for r in doc["rows"] if r["arm"] != arm] + [row]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=2))
-        for d in domains:
-            print(table([row], d), flush=True)
-    for i, d in enumerate(domains):
-        print(table(doc["rows"], d))
-        reliability_plot({r["arm"]: r["calibration"][d] for r in doc["rows"]}, f"{args.out}-{['same', 'other'][i]}.png")
-    print(f"wrote {out} and {args.out}-same.png / -other.png")
+        record_arm(doc, out, {"arm": arm, "train_seconds": seconds, "calibration": cal})
+    finish_arms(doc, list(domains), args.out)
 
 
 if __name__ == "__main__":

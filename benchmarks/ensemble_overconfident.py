@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -33,12 +34,14 @@ import torch
 import attnswap
 from attnswap.config import FinetuneConfig
 from attnswap.data import encode, read_text
-from attnswap.methods.tuners.calibration import calibration, reliability_plot
+from attnswap.methods.tuners.calibration import calibration
 from attnswap.surgery import method_modules
 from attnswap.train import finetune
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import finish_arms, record_arm  # noqa: E402
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-METRICS = ("accuracy", "nll", "ece", "ece_floor", "brier", "entropy", "disagreement")
 
 
 def slice_file(tok, source: Path, start_char: int, tokens: int, path: Path) -> Path:
@@ -78,15 +81,6 @@ def stack_members(models: list) -> torch.nn.Module:
     return stacked
 
 
-def table(rows: list[dict], domain: str) -> str:
-    lines = [f"held-out: {domain}",
-             "| model | members | train s | " + " | ".join(METRICS) + " | ece / floor |",
-             "|---|---:|---:|" + "---:|" * (len(METRICS) + 1)]
-    for r in rows:
-        c = r["calibration"][domain]
-        lines.append(f"| {r['arm']} | {c['members']} | {r.get('train_seconds', '-')} | "
-                     + " | ".join(f"{c[m]:.4f}" for m in METRICS) + f" | {c['ece'] / c['ece_floor']:.1f} |")
-    return "\n".join(lines)
 
 
 def main():
@@ -144,16 +138,8 @@ def main():
             raise SystemExit(f"unknown arm '{arm}': original, single, ensN or explicitN")
         cal = {name: calibration(model, tok, str(path), max_tokens=args.eval_tokens, seq_len=args.eval_seq_len,
                                  label=arm, progress=False) for name, path in domains.items()}
-        row = {"arm": arm, "train_seconds": train_s, "calibration": cal}
-        doc["rows"] = [r for r in doc["rows"] if r["arm"] != arm] + [row]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=2))
-        for d in domains:
-            print(table([row], d), flush=True)
-    for i, d in enumerate(domains):
-        print(table(doc["rows"], d))
-        reliability_plot({r["arm"]: r["calibration"][d] for r in doc["rows"]}, f"{args.out}-{['same', 'other'][i]}.png")
-    print(f"wrote {out} and {args.out}-same.png / -other.png")
+        record_arm(doc, out, {"arm": arm, "train_seconds": train_s, "calibration": cal})
+    finish_arms(doc, list(domains), args.out)
 
 
 args_global = None

@@ -128,6 +128,14 @@ class Scores:
         }
 
 
+def scored_models(model, others=()) -> tuple[list, int]:
+    """The models scored together (in eval mode) and their members in all: one ensemble."""
+    models = [model, *others]
+    for m in models:
+        m.eval()
+    return models, sum(member_count(m) for m in models)
+
+
 def member_logits(models: list, **inputs) -> torch.Tensor:
     """Every member's logits of every model, stacked member-major: [sum of members x B, ...]."""
     out = []
@@ -143,11 +151,8 @@ def calibration(model, tokenizer, data: str, *, max_tokens: int | None = None, s
     """Accuracy, NLL, ECE, Brier, entropy, member disagreement (and per-member scores) on `data`. `others`:
     further models scored with `model` as one explicit ensemble (the mean of all their members' probabilities)."""
     rows = protocol_windows(model, tokenizer, data, max_tokens, seq_len, label)
-    models = [model, *others]
-    n = sum(member_count(m) for m in models)
+    models, n = scored_models(model, others)
     device = next(model.parameters()).device
-    for m in models:
-        m.eval()
     scores = Scores(n)
     start = time.perf_counter()
     bar = tqdm(total=len(rows), desc=f"calibration {label}", unit="win", disable=not progress, leave=False)

@@ -323,13 +323,12 @@ def finetune(source: str, cfg: FinetuneConfig, out: str, *, resume: bool = False
         outputs.check_out(out, force or resume, guards)
     import torch
 
+    from . import classification
     from .arch import is_causal_lm
 
     config = _check_training(source, cfg)
     tokenizer = load_tokenizer(source)
     if cfg.task == "classification":
-        from . import classification
-
         examples = classification.read_examples(cfg.data)
         if classification.is_classifier(config):  # trained further: its head keeps its classes
             names = classification.head_labels(config)
@@ -341,9 +340,7 @@ def finetune(source: str, cfg: FinetuneConfig, out: str, *, resume: bool = False
         classification.prepare_head(model, tokenizer, names)
     else:
         if not is_causal_lm(config):
-            from .classification import is_classifier
-
-            what = "a classifier" if is_classifier(config) else f"a {config.model_type} encoder"
+            what = "a classifier" if classification.is_classifier(config) else f"a {config.model_type} encoder"
             raise AttnswapError(f"{source} is {what}, which has no next-token loss; fine-tune it with --task "
                                 "classification on labelled examples")
         model = load_model(source, merge_lora=True)

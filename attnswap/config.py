@@ -50,12 +50,7 @@ class ConvertConfig(_Config):
         from . import plan
 
         if self.plan is None:
-            from .methods import find
-
-            options = dict(self.options)
-            if self.seed and "seed" in find(self.to).Options.model_fields:  # the method's own seed, unless --set
-                options.setdefault("seed", self.seed)
-            return plan.shorthand(self.to, options, self.layers)
+            return plan.shorthand(self.to, self.options, self.layers, seed=self.seed)
         return plan.read(self.plan) if isinstance(self.plan, str) else self.plan
 
     def calibration_for(self, tokenizer):

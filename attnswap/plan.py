@@ -166,12 +166,16 @@ def parse_layers(spec: str | int | list[int] | None, n_layers: int, what: str = 
     return sorted(layers)
 
 
-def shorthand(method: str, options: dict | None = None, layers=None) -> dict:
-    """`--to METHOD --set k=v --layers L` as a plan of one entry, in the kind METHOD belongs to."""
+def shorthand(method: str, options: dict | None = None, layers=None, seed: int | None = None) -> dict:
+    """`--to METHOD --set k=v --layers L` as a plan of one entry, in the kind METHOD belongs to. `seed` (convert's)
+    is also the method's own `seed` option where it has one, unless `options` give it (0 is every such option's
+    default, so it is left out)."""
     from .methods import find
 
     cls = find(method)
     options = dict(options or {})
+    if seed and "seed" in cls.Options.model_fields:
+        options.setdefault("seed", seed)
     if cls.kind == "attention":
         return {"attention": [{"layers": "all" if layers is None else layers, "method": method, "options": options}]}
     if cls.kind == "cache":

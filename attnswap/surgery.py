@@ -50,17 +50,13 @@ def convert(model: nn.Module, what: str | dict | plans.PlanSpec, layers: str | l
     text for methods that measure the original model first (dex's head selection); what they measured is
     stored in the plan's options. `seed` (default 0) seeds the layer selection and the new parameters'
     initialisation, so the same plan converts to the same weights; with the one-method shorthand it is also that
-    method's own `seed` option where it has one (lora-ensemble's members), unless `options` give it.
+    method's own `seed` option where it has one (a tuner's members, say), unless `options` give it.
     """
     base = base_model(model)
     if getattr(base.config, "attnswap", None):
         raise AttnswapError("this model is already converted; convert the original model instead")
     if isinstance(what, str):
-        from .methods import find
-
-        if seed is not None and "seed" in find(what).Options.model_fields:
-            options.setdefault("seed", seed)
-        spec = plans.shorthand(what, options, layers)
+        spec = plans.shorthand(what, options, layers, seed=seed)
     else:
         if layers is not None or options:
             raise AttnswapError("give layers and options inside the plan, not beside it")

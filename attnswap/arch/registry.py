@@ -31,7 +31,9 @@ def adapter_for(config):
 def is_causal_lm(config) -> bool:
     """A causal LM (next-token logits) or an encoder: the adapter says, else transformers' own model mapping. A
     checkpoint with a sequence-classification head is not one, whatever its backbone."""
-    if any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or [])):
+    from ..classification import is_classifier
+
+    if is_classifier(config):
         return False
     adapter = find_adapter(config)
     if adapter is not None:

@@ -37,17 +37,23 @@ WINDOW, SINKS = 64, 4
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
 
 
-def routing(q, k, buckets, drop, seed=0):
-    """The method's routing on given q, k: LSH buckets per query head, keep masks by a per-head norm quantile."""
-    g = q.shape[1] // k.shape[1]
-    kk_ = k.repeat_interleave(g, 1)
+def thresholds(q, k, drop):
+    """Per-head norm quantiles (what `convert --calibration` stores for the method), measured on the inputs."""
+    return (q.float().norm(dim=-1).quantile(drop, dim=-1, keepdim=True),
+            k.float().norm(dim=-1).quantile(drop, dim=-1, keepdim=True))
+
+
+def routing(q, k, buckets, drop, seed=0, thr=None):
+    """The method's routing on given q, k: LSH buckets per query head, keep masks by per-head norm thresholds
+    (`thresholds`, measured on q, k unless given)."""
+    h, g = q.shape[1], q.shape[1] // k.shape[1]
     qb = kb = qk = kk = None
     if buckets > 1:
-        qb, kb = lsh_buckets(q, buckets, seed), lsh_buckets(kk_, buckets, seed)
+        qb, kb = lsh_buckets(q, buckets, seed), lsh_buckets(k, buckets, seed, heads=h)
     if drop > 0:
-        qn, kn = q.float().norm(dim=-1), kk_.float().norm(dim=-1)
-        qk = qn >= qn.quantile(drop, dim=-1, keepdim=True)
-        kk = kn >= kn.quantile(drop, dim=-1, keepdim=True)
+        tq, tk = thresholds(q, k, drop) if thr is None else thr
+        qk = q.float().norm(dim=-1) >= tq
+        kk = (k.float().norm(dim=-1) >= tk).repeat_interleave(g, 1)
     return dict(q_bucket=qb, k_bucket=kb, q_keep=qk, k_keep=kk)
 
 
@@ -65,9 +71,11 @@ def step_fn(name, mode, t, device, dtype):
         def fn(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     else:
-        def fn(q, k, v):  # the routing (LSH, norms) is part of the method's cost
-            (buckets, drop), window = config(name)
-            route = routing(q.detach(), k.detach(), buckets, drop)
+        (buckets, drop), window = config(name)
+        thr = thresholds(x[0].detach(), x[1].detach(), drop) if drop > 0 else None  # the method's calibration
+
+        def fn(q, k, v):  # the routing (LSH, norms against the thresholds) is part of the method's cost
+            route = routing(q.detach(), k.detach(), buckets, drop, thr=thr)
             return sparse_attention(q, k, v, window=window, sinks=SINKS, **route)
 
     return make_step(fn, x, mode)

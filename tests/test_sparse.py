@@ -1,5 +1,5 @@
-"""The `sparse` attention method and its kernels: the Triton kernels (under the interpreter) and the block-sparse
-CPU path against the reference, forward and backward, at odd lengths; exact at one bucket and no drop; the
+"""The `sparse` attention method and its kernels: the Triton kernels (under the interpreter), the compiled CPU
+forward and the block-sparse CPU path against the reference, forward and backward, at odd lengths; exact at one bucket and no drop; the
 method's conversion, decoding, calibration and round trip."""
 import pytest
 import torch
@@ -12,6 +12,7 @@ from attnswap.data import calibration
 from attnswap.errors import AttnswapError
 from attnswap.surgery import method_modules
 from attnswap_kernels import assert_close
+from attnswap_kernels.sparse_attn import cpu as sparse_cpu
 from attnswap_kernels.sparse_attn import lsh_buckets, sparse_attention, sparse_attention_reference
 
 from .conftest import WIKI_TRAIN, decoding_error, outputs, sample_ids
@@ -64,6 +65,43 @@ def test_blocked_path_equals_the_reference_forward_and_backward(case):
         assert_close(name, r, o, ratio=1e-12)
 
 
+# longer rows: several 256-key chunks of one online softmax (one bucket, small window), head sizes that are not
+# multiples of the micro-kernels' 32 columns
+LONG = [
+    (1, 2, 1, 601, 16, 8, 1, 0.0, 3, 2, False),
+    (2, 3, 3, 300, 72, 40, 2, 0.1, 40, 3, True),
+]
+
+
+@pytest.mark.parametrize("dtype,ratio", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("case", CASES + LONG, ids=_ids)
+def test_compiled_forward_equals_the_reference_with_poisoned_outputs(case, dtype, ratio):
+    """The compiled CPU forward (`cpu.cpp`), with and without autograd (the backward then runs the PyTorch parts
+    from its output and log-sum-exp)."""
+    assert sparse_cpu.available(), "the compiled CPU kernel did not build (is a C++ compiler installed?)"
+    assert attnswap_kernels.POISON
+    qkv, do, kw = _case(case)
+    ref = _run(sparse_attention_reference, qkv, do, **kw)
+    got = _run(sparse_attention, [x.to(dtype) for x in qkv], do, impl="native", **kw)
+    with torch.no_grad():
+        plain = sparse_attention(*[x.to(dtype) for x in qkv], impl="native", **kw)
+    for name, r, o in zip(("o", "dq", "dk", "dv", "o without grad"), ref + ref[:1], got + (plain,)):
+        assert torch.isfinite(o).all(), name
+        assert_close(name, r, o.double(), ratio=ratio)
+
+
+@pytest.mark.parametrize("h,hk,t,d,n", [(9, 3, 1024, 64, 64), (4, 4, 37, 16, 6), (6, 2, 100, 24, 10)])
+def test_compiled_hash_equals_the_formula(h, hk, t, d, n):
+    """`lsh_buckets` on CPU runs the compiled hash; keys of grouped-query attention are hashed per query head
+    without being repeated. Rounding in another order may flip a near-tie: at most 1 in 1,000."""
+    assert sparse_cpu.available()
+    x = torch.randn(2, hk, t, d, generator=torch.Generator().manual_seed(t))
+    got = lsh_buckets(x, n, 3, heads=h)
+    want = lsh_buckets(x.repeat_interleave(h // hk, 1), n, 3, impl="torch")
+    assert got.shape == want.shape == (2, h, t)
+    assert (got == want).float().mean() >= 0.999
+
+
 @pytest.mark.parametrize("dtype,ratio", [(torch.float32, 1e-5), (torch.float16, 1e-2)], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_triton_kernels_equal_the_reference_with_poisoned_outputs(case, dtype, ratio):
@@ -76,7 +114,7 @@ def test_triton_kernels_equal_the_reference_with_poisoned_outputs(case, dtype, r
         assert_close(name, r, o.double(), ratio=ratio)
 
 
-@pytest.mark.parametrize("impl", ["blocked", "triton"])
+@pytest.mark.parametrize("impl", ["blocked", "native", "triton"])
 @pytest.mark.parametrize("t", [2, 33, 64, 97])
 def test_one_bucket_and_no_drop_is_causal_attention(impl, t):
     qkv, do, _ = _case((2, 4, 2, t, 16, 16, 1, 0.0, 1, 0, False), dtype=torch.float32, seed=t)

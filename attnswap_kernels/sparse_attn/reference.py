@@ -20,16 +20,28 @@ import torch
 from .. import per_query_head
 
 
-def lsh_buckets(x: torch.Tensor, n_buckets: int, seed: int = 0) -> torch.Tensor:
-    """Angular LSH (as in Reformer): x [B, H, T, D] -> bucket ids [B, H, T] in [0, n_buckets), from one random
-    rotation per head, argmax over [xR, -xR]. Queries and keys hashed with the same seed share the rotations.
-    n_buckets must be even, or 1 (every token in bucket 0)."""
-    b, h, t, d = x.shape
+def lsh_buckets(x: torch.Tensor, n_buckets: int, seed: int = 0, heads: int | None = None,
+                impl: str = "auto") -> torch.Tensor:
+    """Angular LSH (as in Reformer): x [B, Hx, T, D] -> bucket ids [B, heads, T] in [0, n_buckets), from one random
+    rotation per head, argmax over [xR, -xR] (the first maximum; + before - on a tie). heads (default Hx): hash
+    for that many query heads, head h reading x head h // (heads // Hx) (keys of grouped-query attention, without
+    repeating them). Queries and keys hashed with the same seed share the rotations. n_buckets must be even, or
+    1 (every token in bucket 0). impl "auto" runs the compiled CPU kernel on CPU tensors where it is built (the
+    same formula in float32, rounded in its own order), "torch" this formula."""
+    b, hx, t, d = x.shape
+    h = hx if heads is None else heads
     if n_buckets == 1:
         return torch.zeros(b, h, t, dtype=torch.long, device=x.device)
     if n_buckets % 2:
         raise ValueError("n_buckets must be even (or 1)")
-    proj = x.float() @ _rotation(h, d, n_buckets // 2, seed, x.device)  # [B, H, T, n/2]
+    rot = _rotation(h, d, n_buckets // 2, seed, x.device)
+    if impl == "auto" and x.device.type == "cpu":
+        from .cpu import lsh_native
+
+        out = lsh_native(x, rot[0], h)
+        if out is not None:
+            return out
+    proj = per_query_head(x, h).float() @ rot  # [B, H, T, n/2]
     hi, lo = proj.max(-1), proj.min(-1)  # argmax over [xR, -xR] without forming it: -lo is the max of -xR
     return torch.where(hi.values >= -lo.values, hi.indices, lo.indices + n_buckets // 2)
 

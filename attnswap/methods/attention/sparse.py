@@ -106,7 +106,7 @@ class Sparse(AttentionMethod):
         if o.buckets > 1:
             seed = o.seed + self.layer_index
             qb = lsh_buckets(query, o.buckets, seed)
-            kb = lsh_buckets(per_query_head(key, h), o.buckets, seed)
+            kb = lsh_buckets(key, o.buckets, seed, heads=h)
         if o.drop > 0:
             qk = query.float().norm(dim=-1) >= self.q_threshold.view(1, -1, 1)
             kk = per_query_head(key.float().norm(dim=-1) >= self.k_threshold.view(1, -1, 1), h)

@@ -1,0 +1,81 @@
+"""Compiled CPU kernels: a C++ source beside its op, built on first use by the system C++ compiler into attnswap's
+cache and loaded with ctypes.
+
+Why not a torch C++ extension: the kernels take raw pointers only, so they need no PyTorch headers, and a plain
+shared library builds in about a second instead of a minute. The library is linked against libgomp by soname,
+so inside a process where PyTorch has loaded its own libgomp both share one OpenMP runtime.
+
+Where: $ATTNSWAP_CACHE/kernels or ~/.cache/attnswap/kernels, one file per source, compiler and CPU (the build
+targets the CPU it runs on, `-march=native`), written to a temporary name and renamed (a build that fails or is
+interrupted leaves nothing under the final name). No compiler, a failed build or ATTNSWAP_NATIVE=0: `library`
+returns None and the op keeps its PyTorch path (a build failure warns once).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ATTNSWAP_CACHE") or Path.home() / ".cache" / "attnswap"
+    return Path(root).expanduser() / "kernels"
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+@functools.lru_cache(maxsize=None)
+def library(source: Path) -> ctypes.CDLL | None:
+    """The shared library built from `source` (cached), or None where it cannot be built here."""
+    if os.environ.get("ATTNSWAP_NATIVE", "1") == "0":
+        return None
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        return None
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    text = source.read_bytes()
+    key = hashlib.sha256(b"\0".join([text, " ".join(FLAGS).encode(), version.encode(), _cpu_id().encode()]))
+    target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", prefix=f".{target.stem}-", dir=target.parent)
+            os.close(fd)
+            try:
+                done = subprocess.run([cxx, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True,
+                                      timeout=600)
+                if done.returncode:
+                    last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+                    warnings.warn(f"attnswap: building {source.name} failed, using the PyTorch path: {last}",
+                                  stacklevel=2)
+                    return None
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except (OSError, subprocess.SubprocessError) as err:
+            warnings.warn(f"attnswap: cannot build {source.name} ({err}), using the PyTorch path", stacklevel=2)
+            return None
+    return ctypes.CDLL(str(target))
+
+
+def pointer(x) -> ctypes.c_void_p:
+    """A tensor's data pointer for a ctypes call (None: a null pointer)."""
+    return ctypes.c_void_p(None if x is None else x.data_ptr())

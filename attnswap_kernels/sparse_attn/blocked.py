@@ -220,15 +220,12 @@ class _SparseBlocked(torch.autograd.Function):
     """Inputs are per query head and padded: q, k, v [BH, Tp, E] (Tp a multiple of w); returns [BH, Tp, E]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, parts, first=None):
-        if first is not None:  # (o, lse) from the compiled forward, in this layout
-            o, lse = first
-        else:
-            o = lse = None
-            for p in parts:
-                o, lse = p.forward(q, k, v, o, lse)
-            empty = lse <= NEG / 2  # a row with no key at all (padding only): 0, as in the definition
-            o = torch.where(empty[..., None], 0.0, o)
+    def forward(ctx, q, k, v, parts):
+        o = lse = None
+        for p in parts:
+            o, lse = p.forward(q, k, v, o, lse)
+        empty = lse <= NEG / 2  # a row with no key at all (padding only): 0, as in the definition
+        o = torch.where(empty[..., None], 0.0, o)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.parts = parts
         return o
@@ -240,7 +237,7 @@ class _SparseBlocked(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for p in ctx.parts:
             p.backward(q, k, v, o, lse, do, dq, dk, dv)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None
 
 
 def sparse_blocked(q, k, v, *, scale: float | None = None, q_bucket=None, k_bucket=None, q_keep=None, k_keep=None,
@@ -249,23 +246,20 @@ def sparse_blocked(q, k, v, *, scale: float | None = None, q_bucket=None, k_buck
     """Causal sparse attention of a full forward (Tq = Tk), same arguments and result as
     `sparse_attention_reference` (causal=True); CPU tensors; differentiable in q, k, v. step_elems (padded scores
     per routed flash call) defaults to 64 T within [2^15, 2^20]: measured fastest at 1,024 and 16,384 tokens.
-    native: the forward by the compiled kernel (`cpu.sparse_native`) where it is built, the backward by the parts
-    here (it needs only the forward's output and log-sum-exp)."""
+    native: the compiled kernels instead (`cpu.sparse_native`) where they are built."""
     b, h, t, d = q.shape
     dv = v.shape[-1]
     if k.shape[2] != t:
         raise ValueError("sparse_blocked computes a full forward (as many queries as keys)")
     w, s = max(window, 1), min(sinks, t)
     scale = d ** -0.5 if scale is None else scale
-    first = None
     if native:
         from .cpu import sparse_native
 
-        first = sparse_native(q, k, v, scale=scale, q_bucket=q_bucket, k_bucket=k_bucket, q_keep=q_keep,
-                              k_keep=k_keep, window=window, sinks=sinks, key_valid=key_valid)
-        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        if first is not None and not grad:
-            return first[0].to(q.dtype)
+        out = sparse_native(q, k, v, scale=scale, q_bucket=q_bucket, k_bucket=k_bucket, q_keep=q_keep,
+                            k_keep=k_keep, window=window, sinks=sinks, key_valid=key_valid)
+        if out is not None:
+            return out[0].to(q.dtype)
     step_elems = min(max(64 * t, 1 << 15), 1 << 20) if step_elems is None else step_elems
     dt = torch.promote_types(q.dtype, torch.float32)
     e, tp = max(d, dv), -(-t // w) * w
@@ -292,9 +286,5 @@ def sparse_blocked(q, k, v, *, scale: float | None = None, q_bucket=None, k_buck
         parts.append(_Sinks(ctl))
     if ctl["routed"] is not None:
         parts.append(_Routed(ctl))
-    if first is not None:  # into the parts' layout: [B*H, Tp, E] and [B*H, Tp], padding rows 0 (their grad is 0)
-        o_n, l_n = first
-        first = (F.pad(o_n.to(dt), (0, e - dv, 0, tp - t)).reshape(b * h, tp, e),
-                 F.pad(l_n.to(dt), (0, tp - t)).reshape(b * h, tp))
-    o = _SparseBlocked.apply(per_head(q), per_head(k), per_head(v), parts, first)
+    o = _SparseBlocked.apply(per_head(q), per_head(k), per_head(v), parts)
     return o[:, :t, :dv].reshape(b, h, t, dv).to(q.dtype)

@@ -6,9 +6,11 @@ fraction of scores it computes and its error on real SmolLM2 activations.
     python benchmarks/sparse.py fraction --out docs/bench/sparse-fraction
 
 speed: SmolLM2-135M's attention shape (9 query heads, 3 KV heads, head dim 64, batch 1), causal, random inputs;
-SDPA (is_causal, GQA) against `sparse_attention` (the block-sparse PyTorch path on CPU, Triton on CUDA) at each
---configs entry "buckets/drop" (window 64, sinks 4; buckets hashed by the angular LSH of the method, drop by the
-smallest norms at the given fraction), the routing (hashing, norms) timed with it. Forward and forward+backward (up to --bwd-max), medians in one process.
+SDPA (is_causal, GQA) against `sparse_attention` (the compiled kernels on CPU, Triton on CUDA; "@blocked" after
+an entry: the PyTorch CPU path) at each --configs entry "buckets/drop[/window]" (window 64 unless given, sinks 4;
+buckets hashed by the angular LSH of the method, drop by per-head norm thresholds measured once on the inputs, as
+`convert --calibration` stores them), the routing (hashing, norms) timed with it. Forward and forward+backward
+(up to --bwd-max), medians in one process.
 fraction: q/k/v of all 30 layers of the real SmolLM2-135M on 1,024 WikiText-2 tokens: per configuration the
 fraction of the causal score matrix the method computes (allowed pairs / causal pairs, averaged over layers and
 heads) and the relative RMS error of its output against exact attention, beside MRA's at its budgets (MRA
@@ -43,13 +45,13 @@ def thresholds(q, k, drop):
             k.float().norm(dim=-1).quantile(drop, dim=-1, keepdim=True))
 
 
-def routing(q, k, buckets, drop, seed=0, thr=None):
+def routing(q, k, buckets, drop, seed=0, thr=None, lsh="auto"):
     """The method's routing on given q, k: LSH buckets per query head, keep masks by per-head norm thresholds
     (`thresholds`, measured on q, k unless given)."""
     h, g = q.shape[1], q.shape[1] // k.shape[1]
     qb = kb = qk = kk = None
     if buckets > 1:
-        qb, kb = lsh_buckets(q, buckets, seed), lsh_buckets(k, buckets, seed, heads=h)
+        qb, kb = lsh_buckets(q, buckets, seed, impl=lsh), lsh_buckets(k, buckets, seed, heads=h, impl=lsh)
     if drop > 0:
         tq, tk = thresholds(q, k, drop) if thr is None else thr
         qk = q.float().norm(dim=-1) >= tq
@@ -58,9 +60,15 @@ def routing(q, k, buckets, drop, seed=0, thr=None):
 
 
 def config(name):
-    """"buckets/drop[/window]" -> (buckets, drop), window (default WINDOW)."""
+    """"buckets/drop[/window][@impl]" -> (buckets, drop), window (default WINDOW). "@blocked": the PyTorch CPU
+    path with the PyTorch hash (what runs without a C++ compiler); "auto" otherwise."""
+    name, _, impl = name.partition("@")
     b, d, *w = name.split("/")
     return (int(b), float(d)), int(w[0]) if w else WINDOW
+
+
+def impl_of(name):
+    return name.partition("@")[2] or "auto"
 
 
 def step_fn(name, mode, t, device, dtype):
@@ -74,9 +82,12 @@ def step_fn(name, mode, t, device, dtype):
         (buckets, drop), window = config(name)
         thr = thresholds(x[0].detach(), x[1].detach(), drop) if drop > 0 else None  # the method's calibration
 
+        impl = impl_of(name)
+        lsh = "torch" if impl == "blocked" else "auto"
+
         def fn(q, k, v):  # the routing (LSH, norms against the thresholds) is part of the method's cost
-            route = routing(q.detach(), k.detach(), buckets, drop, thr=thr)
-            return sparse_attention(q, k, v, window=window, sinks=SINKS, **route)
+            route = routing(q.detach(), k.detach(), buckets, drop, thr=thr, lsh=lsh)
+            return sparse_attention(q, k, v, window=window, sinks=SINKS, impl=impl, **route)
 
     return make_step(fn, x, mode)
 
@@ -169,7 +180,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--lengths", default="1024,4096,16384", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--configs", default="8/0.0,16/0.0,32/0.0,1/0.5", type=lambda s: s.split(","),
-                   help="buckets/drop[/window] entries (window 64 by default)")
+                   help="buckets/drop[/window][@blocked] entries (window 64 by default; @blocked: the PyTorch "
+                        "CPU path)")
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--bwd-max", type=int, default=4096)

@@ -679,22 +679,25 @@ int backward(const T* q, const T* k, const T* v, const T* o, const T* lse, const
 // Angular LSH (`reference.lsh_buckets`): x [B, HX, T, D] float32 hashed for H query heads (head h reads x head
 // h / (H / HX)) with the rotations R [H, D, r]; out [B, H, T] = argmax over [xR, -xR] (the first maximum; + before
 // - on a tie, as the reference).
-template <int R>
-void lsh_rows(const float* x, const float* rot, int d, int64_t n, int64_t* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    float p[R] = {};
-    const float* xi = x + i * d;
-    for (int c = 0; c < d; ++c) {
-      const float xc = xi[c];
-#pragma omp simd
-      for (int j = 0; j < R; ++j) p[j] += xc * rot[c * R + j];
-    }
-    int hi = 0, lo = 0;
-    for (int j = 1; j < R; ++j) {
-      if (p[j] > p[hi]) hi = j;
-      if (p[j] < p[lo]) lo = j;
-    }
-    out[i] = p[hi] >= -p[lo] ? hi : lo + R;
+// bucket of one row's projections p[0, r): the first maximum of [p, -p]
+inline int64_t lsh_pick(const float* p, int r) {
+  int hi = 0, lo = 0;
+  for (int j = 1; j < r; ++j) {
+    if (p[j] > p[hi]) hi = j;
+    if (p[j] < p[lo]) lo = j;
+  }
+  return p[hi] >= -p[lo] ? hi : lo + r;
+}
+
+// r = KB projections (64 buckets): the scores micro-kernel, QR rows at a time
+void lsh_rows_kb(const float* x, const float* rot, int d, int64_t n, int64_t* out) {
+  std::vector<float> xs(QR * d), p(QR * KC);
+  for (int64_t i0 = 0; i0 < n; i0 += QR) {
+    const int nr = static_cast<int>(std::min<int64_t>(QR, n - i0));
+    std::fill(xs.begin(), xs.end(), 0.0f);
+    std::memcpy(xs.data(), x + i0 * d, sizeof(float) * nr * d);
+    scores_block(xs.data(), d, rot, KB, p.data());
+    for (int rr = 0; rr < nr; ++rr) out[i0 + rr] = lsh_pick(p.data() + rr * KC, KB);
   }
 }
 
@@ -704,12 +707,7 @@ void lsh_rows_any(const float* x, const float* rot, int d, int r, int64_t n, int
     std::fill(p.begin(), p.end(), 0.0f);
     for (int c = 0; c < d; ++c)
       for (int j = 0; j < r; ++j) p[j] += x[i * d + c] * rot[c * r + j];
-    int hi = 0, lo = 0;
-    for (int j = 1; j < r; ++j) {
-      if (p[j] > p[hi]) hi = j;
-      if (p[j] < p[lo]) lo = j;
-    }
-    out[i] = p[hi] >= -p[lo] ? hi : lo + r;
+    out[i] = lsh_pick(p.data(), r);
   }
 }
 
@@ -764,16 +762,10 @@ int attnswap_lsh_f32(const float* x, const float* rot, int64_t B, int64_t H, int
       const float* xs = x + ((b * HX + h / group) * t + i0) * d;
       const float* rh = rot + h * d * r;
       int64_t* os = out + bh * t + i0;
-      switch (r) {
-        case 1: lsh_rows<1>(xs, rh, d, n, os); break;
-        case 2: lsh_rows<2>(xs, rh, d, n, os); break;
-        case 4: lsh_rows<4>(xs, rh, d, n, os); break;
-        case 8: lsh_rows<8>(xs, rh, d, n, os); break;
-        case 16: lsh_rows<16>(xs, rh, d, n, os); break;
-        case 32: lsh_rows<32>(xs, rh, d, n, os); break;
-        case 64: lsh_rows<64>(xs, rh, d, n, os); break;
-        default: lsh_rows_any(xs, rh, d, r, n, os);
-      }
+      if (r == KB)
+        lsh_rows_kb(xs, rh, d, n, os);
+      else
+        lsh_rows_any(xs, rh, d, r, n, os);
     }
   return 0;
 }

@@ -127,6 +127,17 @@ inline void pv_block<float>(const float* p, int ps, int b0, int b1, const float*
   for (int rr = 0; rr < QR; ++rr) std::memcpy(a[rr], acc[rr], sizeof(acc[rr]));
 }
 
+// the keys [b0, b1) that some of rows r0 .. r0 + nr - 1 see (row r sees [a0[r], a1[r])); b1 <= b0: none
+inline void rows_keys(const int* a0, const int* a1, int r0, int nr, int nc, int& b0, int& b1) {
+  b0 = nc;
+  b1 = 0;
+  for (int rr = 0; rr < nr; ++rr)
+    if (a1[r0 + rr] > a0[r0 + rr]) {
+      b0 = std::min(b0, a0[r0 + rr]);
+      b1 = std::max(b1, a1[r0 + rr]);
+    }
+}
+
 // Fold keys [j0, j0 + n) into the running state of nq (<= QT) query rows.
 // qs: [QT][d] scaled queries (rows >= nq zero); kT: key c of column j at kT[c * ldk + j], readable up to
 // column j0 + n + KB; v: row j at v[j * dv]; row r may see keys lo[r] <= j < hi[r]; bias: per key or null.
@@ -145,12 +156,8 @@ void attend(const T* qs, int nq, int d, const T* kT, int64_t ldk, const T* v, in
     // scores of QR rows x KB keys at a time, over the key blocks some row of the QR rows sees
     for (int r0 = 0; r0 < nq; r0 += QR) {
       const int nr = std::min(QR, nq - r0);
-      int b0 = nc, b1 = 0;
-      for (int rr = 0; rr < nr; ++rr)
-        if (a1[r0 + rr] > a0[r0 + rr]) {
-          b0 = std::min(b0, a0[r0 + rr]);
-          b1 = std::max(b1, a1[r0 + rr]);
-        }
+      int b0, b1;
+      rows_keys(a0, a1, r0, nr, nc, b0, b1);
       for (int k0 = b0 / KB * KB; k0 < b1; k0 += KB) {
         scores_block(qs + r0 * d, d, kT + jb + k0, ldk, s + r0 * KC + k0);
       }
@@ -189,12 +196,8 @@ void attend(const T* qs, int nq, int d, const T* kT, int64_t ldk, const T* v, in
     // acc = alpha acc + p v, QR rows x EW columns at a time, over the keys some of the rows sees
     for (int r0 = 0; r0 < nq; r0 += QR) {
       const int nr = std::min(QR, nq - r0);
-      int b0 = nc, b1 = 0;
-      for (int rr = 0; rr < nr; ++rr)
-        if (a1[r0 + rr] > a0[r0 + rr]) {
-          b0 = std::min(b0, a0[r0 + rr]);
-          b1 = std::max(b1, a1[r0 + rr]);
-        }
+      int b0, b1;
+      rows_keys(a0, a1, r0, nr, nc, b0, b1);
       if (b1 <= b0) continue;
       T pr[QR][KC];  // p of the rows, 0 outside each row's keys
       for (int rr = 0; rr < QR; ++rr) {
@@ -479,24 +482,17 @@ void attend_bwd(Grad<T>& g, int nq, int d, int dv, const T* kT, int64_t ldk, con
   for (int64_t c0 = 0; c0 < n; c0 += KC) {
     const int64_t jb = j0 + c0;
     const int nc = static_cast<int>(std::min<int64_t>(KC, n - c0));
-    int a0[QT], a1[QT], k0 = nc, k1 = 0;
+    int a0[QT], a1[QT], k0, k1;
     for (int r = 0; r < nq; ++r) {
       a0[r] = static_cast<int>(std::clamp<int64_t>(g.lo[r] - jb, 0, nc));
       a1[r] = static_cast<int>(std::clamp<int64_t>(g.hi[r] - jb, 0, nc));
-      if (a1[r] > a0[r]) {
-        k0 = std::min(k0, a0[r]);
-        k1 = std::max(k1, a1[r]);
-      }
     }
+    rows_keys(a0, a1, 0, nq, nc, k0, k1);
     if (k1 <= k0) continue;
     // scores and do v^T of the key blocks some row of each QR rows sees
     for (int r0 = 0; r0 < nq; r0 += QR) {
-      int b0 = nc, b1 = 0;
-      for (int rr = 0; rr < std::min(QR, nq - r0); ++rr)
-        if (a1[r0 + rr] > a0[r0 + rr]) {
-          b0 = std::min(b0, a0[r0 + rr]);
-          b1 = std::max(b1, a1[r0 + rr]);
-        }
+      int b0, b1;
+      rows_keys(a0, a1, r0, std::min(QR, nq - r0), nc, b0, b1);
       for (int kb = b0 / KB * KB; kb < b1; kb += KB) {
         scores_block(g.qs.data() + r0 * d, d, kT + jb + kb, ldk, g.s.data() + r0 * KC + kb);
         scores_block(g.dos.data() + r0 * dv, dv, vT + jb + kb, ldv, g.dp.data() + r0 * KC + kb);
@@ -520,12 +516,8 @@ void attend_bwd(Grad<T>& g, int nq, int d, int dv, const T* kT, int64_t ldk, con
     }
     // dq += ds k over the keys each QR rows see
     for (int r0 = 0; r0 < nq; r0 += QR) {
-      int b0 = nc, b1 = 0;
-      for (int rr = 0; rr < std::min(QR, nq - r0); ++rr)
-        if (a1[r0 + rr] > a0[r0 + rr]) {
-          b0 = std::min(b0, a0[r0 + rr]);
-          b1 = std::max(b1, a1[r0 + rr]);
-        }
+      int b0, b1;
+      rows_keys(a0, a1, r0, std::min(QR, nq - r0), nc, b0, b1);
       if (b1 <= b0) continue;
       for (int e0 = 0; e0 < d; e0 += EW) {
         const int ne = std::min(EW, d - e0);
@@ -715,42 +707,26 @@ void lsh_rows_any(const float* x, const float* rot, int d, int r, int64_t n, int
 
 extern "C" {
 
-#define ATTNSWAP_PROBLEM                                                                                        \
-  Problem P{qb, kb, qkeep, kkeep, kvalid, B, H, HK, t, d, dv, w, s, threads};
+// the C entry points, one pair per dtype: attnswap_sparse_{fwd,bwd}_{f32,f64}
+#define ATTNSWAP_SPARSE_ENTRIES(T, SUFFIX)                                                                      \
+  int attnswap_sparse_fwd_##SUFFIX(const T* q, const T* k, const T* v, const int64_t* qb, const int64_t* kb,  \
+                                   const uint8_t* qkeep, const uint8_t* kkeep, const uint8_t* kvalid,          \
+                                   int64_t B, int64_t H, int64_t HK, int64_t t, int d, int dv, int64_t w,      \
+                                   int64_t s, double scale, int threads, T* o, T* lse) {                       \
+    const Problem P{qb, kb, qkeep, kkeep, kvalid, B, H, HK, t, d, dv, w, s, threads};                          \
+    return forward<T>(q, k, v, P, scale, o, lse);                                                              \
+  }                                                                                                            \
+  int attnswap_sparse_bwd_##SUFFIX(const T* q, const T* k, const T* v, const T* o, const T* lse,               \
+                                   const T* dout, const int64_t* qb, const int64_t* kb, const uint8_t* qkeep,  \
+                                   const uint8_t* kkeep, const uint8_t* kvalid, int64_t B, int64_t H,          \
+                                   int64_t HK, int64_t t, int d, int dv, int64_t w, int64_t s, double scale,   \
+                                   int threads, T* dq, T* dk, T* dvv) {                                        \
+    const Problem P{qb, kb, qkeep, kkeep, kvalid, B, H, HK, t, d, dv, w, s, threads};                          \
+    return backward<T>(q, k, v, o, lse, dout, P, scale, dq, dk, dvv);                                          \
+  }
 
-int attnswap_sparse_fwd_f32(const float* q, const float* k, const float* v, const int64_t* qb, const int64_t* kb,
-                            const uint8_t* qkeep, const uint8_t* kkeep, const uint8_t* kvalid, int64_t B, int64_t H,
-                            int64_t HK, int64_t t, int d, int dv, int64_t w, int64_t s, double scale, int threads,
-                            float* o, float* lse) {
-  ATTNSWAP_PROBLEM
-  return forward<float>(q, k, v, P, scale, o, lse);
-}
-
-int attnswap_sparse_fwd_f64(const double* q, const double* k, const double* v, const int64_t* qb, const int64_t* kb,
-                            const uint8_t* qkeep, const uint8_t* kkeep, const uint8_t* kvalid, int64_t B, int64_t H,
-                            int64_t HK, int64_t t, int d, int dv, int64_t w, int64_t s, double scale, int threads,
-                            double* o, double* lse) {
-  ATTNSWAP_PROBLEM
-  return forward<double>(q, k, v, P, scale, o, lse);
-}
-
-int attnswap_sparse_bwd_f32(const float* q, const float* k, const float* v, const float* o, const float* lse,
-                            const float* dout, const int64_t* qb, const int64_t* kb, const uint8_t* qkeep,
-                            const uint8_t* kkeep, const uint8_t* kvalid, int64_t B, int64_t H, int64_t HK, int64_t t,
-                            int d, int dv, int64_t w, int64_t s, double scale, int threads, float* dq, float* dk,
-                            float* dvv) {
-  ATTNSWAP_PROBLEM
-  return backward<float>(q, k, v, o, lse, dout, P, scale, dq, dk, dvv);
-}
-
-int attnswap_sparse_bwd_f64(const double* q, const double* k, const double* v, const double* o, const double* lse,
-                            const double* dout, const int64_t* qb, const int64_t* kb, const uint8_t* qkeep,
-                            const uint8_t* kkeep, const uint8_t* kvalid, int64_t B, int64_t H, int64_t HK, int64_t t,
-                            int d, int dv, int64_t w, int64_t s, double scale, int threads, double* dq, double* dk,
-                            double* dvv) {
-  ATTNSWAP_PROBLEM
-  return backward<double>(q, k, v, o, lse, dout, P, scale, dq, dk, dvv);
-}
+ATTNSWAP_SPARSE_ENTRIES(float, f32)
+ATTNSWAP_SPARSE_ENTRIES(double, f64)
 
 int attnswap_lsh_f32(const float* x, const float* rot, int64_t B, int64_t H, int64_t HX, int64_t t, int d, int r,
                      int threads, int64_t* out) {

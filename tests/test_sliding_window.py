@@ -3,6 +3,7 @@ import torch
 
 import attnswap
 from attnswap.methods.attention.sliding_window import band_mask
+from attnswap_kernels.sparse_attn import window_attention
 
 from .conftest import decoding_error, outputs, sample_ids
 from .reference import register_reference, window_allowed
@@ -68,3 +69,33 @@ def test_generate_runs_and_is_greedy_consistent(tiny_dirs):
     with torch.no_grad():
         nxt = model(input_ids=gen[:, :-1]).logits[0, -1].argmax()
     assert int(nxt) == int(gen[0, -1])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_band_kernel_equals_the_masked_path_forward_and_backward(tiny_dirs, name, monkeypatch):
+    """A causal full forward on the CPU runs the compiled band kernel; it gives SDPA-with-the-band-mask's logits
+    and gradients."""
+    from attnswap.methods.attention import sliding_window as sw
+
+    model = attnswap.load_model(tiny_dirs[name])
+    attnswap.convert(model, "sliding-window", window=5, sinks=2)
+    ids = sample_ids(model.config.vocab_size, length=45)
+    calls = []
+    monkeypatch.setattr(sw, "window_attention", lambda *a, **kw: calls.append(1) or window_attention(*a, **kw))
+
+    def run():
+        model.zero_grad()
+        logits = model(input_ids=ids).logits
+        logits.square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return logits.detach(), grads
+
+    fast, fast_grads = run()
+    assert len(calls) == model.config.num_hidden_layers  # every layer took the kernel
+    monkeypatch.setattr(sw.SlidingWindow, "band_kernel", lambda *a: False)
+    masked, masked_grads = run()
+    assert len(calls) == model.config.num_hidden_layers
+    assert (fast - masked).abs().max() <= 1e-5
+    assert len(fast_grads) == len(masked_grads) > 0
+    for a, b in zip(fast_grads, masked_grads):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max()))

@@ -1,6 +1,8 @@
 """Sparse causal attention (Pagliardini et al.: hash buckets, query/key dropping): the PyTorch reference that
 defines it (`reference.py`), the compiled CPU forward (`cpu.cpp`, `cpu.py`), the block-sparse PyTorch CPU path
 (`blocked.py`) and the Triton kernels (`triton.py`)."""
+import torch
+
 from .. import use_triton
 from .blocked import sparse_blocked
 from .reference import allowed, lsh_buckets, sparse_attention_reference
@@ -27,4 +29,14 @@ def sparse_attention(q, k, v, *, scale: float | None = None, q_bucket=None, k_bu
     return sparse_attention_reference(q, k, v, causal=True, **kw)
 
 
-__all__ = ["allowed", "lsh_buckets", "sparse_attention", "sparse_attention_reference", "sparse_blocked"]
+def window_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None = None, impl: str = "auto"):
+    """Causal sliding-window attention of a full forward (Tq = Tk): query i attends the keys i - window < j <= i
+    and the first `sinks` keys. It is `sparse_attention` with every query dropped from routing, whose cheap path
+    is exactly the band and the sinks: O(T (window + sinks)) with the compiled CPU kernels."""
+    b, h, t, _ = q.shape
+    keep = torch.zeros(b, h, t, dtype=torch.bool, device=q.device)
+    return sparse_attention(q, k, v, scale=scale, q_keep=keep, window=window, sinks=sinks, impl=impl)
+
+
+__all__ = ["allowed", "lsh_buckets", "sparse_attention", "sparse_attention_reference", "sparse_blocked",
+           "window_attention"]

@@ -3,12 +3,17 @@
 StreamingLLM: Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024,
 https://arxiv.org/abs/2309.17453. Causal models: query i attends key j iff j <= i and (i - j < window or
 j < sinks). Bidirectional models: |i - j| < window or j < sinks. Positions are cache indices, so the rule
-holds unchanged during generation. Computed by SDPA with a boolean band mask [1, 1, Tq, Tk].
+holds unchanged during generation. Computed by SDPA with a boolean band mask [1, 1, Tq, Tk]; a causal full
+forward on the CPU without padding, dropout, soft-capping or a score modifier runs the compiled band kernel
+instead (`attnswap_kernels.sparse_attn.window_attention`), which computes only the band and the sinks.
 """
 import torch
 from pydantic import Field
 
-from ...attention import attention_weights, exact_attention
+from attnswap_kernels.sparse_attn import cpu as sparse_cpu
+from attnswap_kernels.sparse_attn import window_attention
+
+from ...attention import SCORE_MODIFIER, attention_weights, exact_attention
 from .. import Options
 from . import register
 from .base import AttentionMethod
@@ -38,7 +43,18 @@ class SlidingWindow(AttentionMethod):
     summary = "exact softmax over a local window plus sink tokens (StreamingLLM)"
     Options = SlidingWindowOptions
 
+    def band_kernel(self, query, key, attention_mask, kwargs) -> bool:
+        """True where the compiled band kernel computes exactly what SDPA with the band mask would: a causal full
+        forward of float32/64 CPU tensors with no padding mask, no dropout, no soft-capping, no score modifier."""
+        return (self.causal and attention_mask is None and query.shape[2] == key.shape[2] and query.device.type == "cpu"
+                and query.dtype in (torch.float32, torch.float64) and not kwargs.get("dropout")
+                and kwargs.get("softcap") is None and kwargs.get(SCORE_MODIFIER) is None and sparse_cpu.available())
+
     def forward(self, module, query, key, value, attention_mask, **kwargs):
+        if self.band_kernel(query, key, attention_mask, kwargs):
+            out = window_attention(query, key, value, window=self.options.window, sinks=self.options.sinks,
+                                   scale=kwargs.get("scaling"))
+            return out.transpose(1, 2), None
         q_len, kv_len = query.shape[2], key.shape[2]
         band = band_mask(q_len, kv_len, self.options.window, self.options.sinks, self.causal, query.device)
         if attention_mask is None:

@@ -8,7 +8,7 @@ so inside a process where PyTorch has loaded its own libgomp both share one Open
 Where: $ATTNSWAP_CACHE/kernels or ~/.cache/attnswap/kernels, one file per source, compiler and CPU (the build
 targets the CPU it runs on, `-march=native`), written to a temporary name and renamed (a build that fails or is
 interrupted leaves nothing under the final name). No compiler, a failed build or ATTNSWAP_NATIVE=0: `library`
-returns None and the op keeps its PyTorch path (a build failure warns once).
+returns None and the op keeps its PyTorch path (no compiler and a failed build warn once per source).
 """
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def library(source: Path) -> ctypes.CDLL | None:
         return None
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
+        warnings.warn(f"attnswap: no C++ compiler (g++) found to build {source.name}, using the slower PyTorch path",
+                      stacklevel=2)
         return None
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout

@@ -39,3 +39,14 @@ def test_switched_off(tmp_path, monkeypatch):
     src.write_text('extern "C" int one() { return 1; }\n')
     assert native.library(src) is None
     assert not (tmp_path / "cache").exists()
+
+
+def test_no_compiler_warns_once_and_leaves_the_pytorch_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNSWAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    src = tmp_path / "nocxx.cpp"
+    src.write_text('extern "C" int one() { return 1; }\n')
+    with pytest.warns(UserWarning, match="no C.. compiler .g... found to build nocxx.cpp"):
+        assert native.library(src) is None
+    assert not (tmp_path / "cache").exists()

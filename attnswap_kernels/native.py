@@ -16,6 +16,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -55,6 +56,8 @@ def library(source: Path) -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         return None
     text = source.read_bytes()
+    for name in re.findall(rb'^#include "([^"]+)"', text, flags=re.M):  # local headers are part of the build
+        text += (source.parent / name.decode()).read_bytes()
     key = hashlib.sha256(b"\0".join([text, " ".join(FLAGS).encode(), version.encode(), _cpu_id().encode()]))
     target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if not target.exists():

@@ -117,6 +117,21 @@ inline void pv_block<float>(const float* p, int ps, int b0, int b1, const float*
   for (int rr = 0; rr < QR; ++rr) std::memcpy(a[rr], acc[rr], sizeof(acc[rr]));
 }
 
+// max of x[0, n) (NEG for n = 0): 16 independent lanes, so the compiler emits vector max instructions (a max
+// reduction written as one accumulator stays scalar)
+template <typename T>
+inline T row_max(const T* x, int n) {
+  T lane[16];
+  for (int e = 0; e < 16; ++e) lane[e] = static_cast<T>(NEG);
+  int j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int e = 0; e < 16; ++e) lane[e] = lane[e] > x[j + e] ? lane[e] : x[j + e];
+  for (; j < n; ++j) lane[0] = lane[0] > x[j] ? lane[0] : x[j];
+  T m = lane[0];
+  for (int e = 1; e < 16; ++e) m = m > lane[e] ? m : lane[e];
+  return m;
+}
+
 // the keys [b0, b1) that some of rows r0 .. r0 + nr - 1 see (row r sees [a0[r], a1[r])); b1 <= b0: none
 inline void rows_keys(const int* a0, const int* a1, int r0, int nr, int nc, int& b0, int& b1) {
   b0 = nc;
@@ -163,9 +178,7 @@ void attend(const T* qs, int nq, int d, const T* kT, int64_t ldk, const T* v, in
         const T* bb = bias + jb;
         for (int jj = x0; jj < x1; ++jj) sr[jj] += bb[jj];
       }
-      T mx = static_cast<T>(NEG);
-#pragma omp simd reduction(max : mx)
-      for (int jj = x0; jj < x1; ++jj) mx = std::max(mx, sr[jj]);
+      const T mx = row_max(sr + x0, x1 - x0);
       const T mnew = std::max(m[r], mx);
       if (mnew <= static_cast<T>(NEG / 2)) {  // only masked (padding) keys so far
         a1[r] = a0[r];
@@ -233,7 +246,7 @@ struct Scratch {
 };
 
 // Backward: the gradients of keys [j0, j0 + n) for nq (<= QT) rows, from recomputed scores and the forward's
-// lse: p = exp(s - lse), ds = p (do v^T - di) with di = do . o;  dq += ds k (unscaled here), dk += ds^T qs,
+// lse: p = exp(s + bias - lse), ds = p (do v^T - di) with di = do . o;  dq += ds k (unscaled here), dk += ds^T qs,
 // dv += p^T do. qs [QT][d] scaled queries and dos [QT][dv] (rows >= nq zero); kT / vT transposed keys / values
 // (column j, leading dimensions ldk / ldv), krows: key j at krows[j * d]; row r may see lo[r] <= j < hi[r];
 // dq [QT][d]; dk, dvv: key j at dk[j * d], dvv[j * dv].
@@ -279,7 +292,7 @@ void attend_bwd(Grad<T>& g, int nq, int d, int dv, const T* kT, int64_t ldk, con
       const T* bb = bias ? bias + jb : nullptr;
       for (int jj = 0; jj < nc; ++jj) {
         T pv = T(0);
-        if (jj >= x0 && jj < x1 && (!bb || bb[jj] > static_cast<T>(NEG / 2))) pv = fexp(sr[jj] - lr);
+        if (jj >= x0 && jj < x1 && (!bb || bb[jj] > static_cast<T>(NEG / 2))) pv = fexp(sr[jj] + (bb ? bb[jj] : T(0)) - lr);
         pr[jj] = pv;
         sr[jj] = pv * (dpr[jj] - dr);
       }

@@ -6,8 +6,8 @@
     python benchmarks/mra.py embeddings --out docs/bench/mra-minilm
 
 speed: SmolLM2-135M's attention shape (9 query heads, 3 KV heads, head dim 64, batch 1), causal, SDPA (with
-GQA) against `mra_attention` at several budgets (block 32, default priors: diagonal + first block; the PyTorch
-reference on CPU, the Triton kernels on CUDA). Medians of repeated runs in one process; peak memory is
+GQA) against `mra_attention` at several budgets (block 32, default priors: diagonal + first block; the compiled
+core on CPU, the Triton kernels on CUDA; --blocked B,..: also the PyTorch CPU path at those budgets). Medians of repeated runs in one process; peak memory is
 torch.cuda.max_memory_allocated on CUDA and, on CPU (--memory), the peak resident-set growth during one call
 (after a warm-up; inputs excluded) in a fresh process whose malloc returns every block >= 64 KiB to the OS on
 free, sampled every 0.1 ms. quality: q/k/v captured from every layer of the real SmolLM2-135M (1,024 WikiText-2 tokens) and
@@ -47,8 +47,9 @@ def make_inputs(t, device, dtype, grad):
 def method(name):
     if name == "sdpa":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    budget = float(name.split("@")[1])
-    return lambda q, k, v: mra_attention(q, k, v, causal=True, block_size=32, budget=budget)
+    _, budget, *impl = name.split("@")  # "mra@0.25" (the default path) or "mra@0.25@blocked" (the PyTorch path)
+    return lambda q, k, v: mra_attention(q, k, v, causal=True, block_size=32, budget=float(budget),
+                                         impl=impl[0] if impl else "auto")
 
 
 def step_fn(name, mode, t, device, dtype):
@@ -103,7 +104,8 @@ def cpu_peak_mib(name, mode, t):
 def speed(a):
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     peak_fn = cpu_peak_mib if a.device == "cpu" and a.memory else None
-    return speed_rows(["sdpa"] + [f"mra@{b}" for b in BUDGETS], a, step_fn, dtype, peak_fn)
+    names = ["sdpa"] + [f"mra@{b}" for b in BUDGETS] + [f"mra@{b}@blocked" for b in a.blocked]
+    return speed_rows(names, a, step_fn, dtype, peak_fn)
 
 
 def check(device):
@@ -286,6 +288,8 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--bwd-max", type=int, default=4096, help="longest T timed with backward")
     p.add_argument("--memory", action="store_true", help="CPU: peak resident-set growth per cell (subprocess)")
+    p.add_argument("--blocked", default="", type=lambda s: [float(x) for x in s.split(",") if x],
+                   help="budgets at which to time the PyTorch CPU path too (impl=blocked)")
     p.add_argument("--check", action="store_true", help="check Triton against the reference first (CUDA)")
     p.add_argument("--out", default=None, help="write <out>.json and <out>.png")
     a = p.parse_args()

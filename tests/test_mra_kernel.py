@@ -1,8 +1,11 @@
-"""MRA attention: block-sparse reference and Triton kernel against the dense definition and exact attention."""
+"""MRA attention: the block-sparse PyTorch path, the compiled CPU core and the Triton kernel against the dense
+definition and exact attention."""
 import pytest
 import torch
 
+import attnswap_kernels
 from attnswap_kernels import assert_close, rel_rms_error
+from attnswap_kernels.mra import cpu as mra_cpu
 from attnswap_kernels.mra import Layout, exact_attention, mra_attention, prepare, select_blocks
 
 # B, H, Hk, Tq, Tk, D, Dv: odd lengths, grouped-query heads, K != V dims, decoding (Tq < Tk) with a query
@@ -45,23 +48,42 @@ def _run(q, k, v, do, **kw):
     return o.detach(), q.grad, k.grad, v.grad
 
 
+@pytest.mark.parametrize("impl", ["blocked", "native"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(map(str, o)))
-def test_blocked_reference_equals_the_dense_definition(shape, causal, opts):
+def test_cpu_paths_equal_the_dense_definition(shape, causal, opts, impl):
+    """The block-sparse PyTorch path and the compiled CPU core (`cpu.cpp`) in float64, outputs and gradients."""
+    if impl == "native":
+        assert mra_cpu.available(), "the compiled CPU kernel did not build (is a C++ compiler installed?)"
     budget, approx, selection, diag, first, shared = opts
     q, k, v, do, keep = _inputs(shape, torch.float64)
     kw = dict(causal=causal, block_size=8, budget=budget, approx=approx, selection=selection,
               diagonal_blocks=diag, first_blocks=first, shared_selection=shared, key_valid=keep)
     ref = _run(q, k, v, do, impl="naive", **kw)
-    got = _run(q, k, v, do, impl="blocked", **kw)
+    got = _run(q, k, v, do, impl=impl, **kw)
     for name, r, o in zip(("o", "dq", "dk", "dv"), ref, got):
         assert_close(name, r, o, ratio=1e-10)
 
 
+@pytest.mark.parametrize("block_size", [32, 64], ids=["bs32", "bs64"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_compiled_core_fp32_with_poisoned_outputs(causal, block_size):
+    """float32 against the float64 definition, at blocks of one and of two 32-row tiles, with every kernel output
+    allocated full of NaN first."""
+    assert mra_cpu.available() and attnswap_kernels.POISON
+    q, k, v, do, keep = _inputs((2, 6, 3, 301, 301, 24, 40), torch.float64)
+    kw = dict(causal=causal, block_size=block_size, budget=0.3, key_valid=keep)
+    ref = _run(q, k, v, do, impl="naive", **kw)
+    got = _run(q.float(), k.float(), v.float(), do.float(), impl="native", **kw)
+    for name, r, o in zip(("o", "dq", "dk", "dv"), ref, got):
+        assert torch.isfinite(o).all(), name
+        assert_close(name, r, o.double(), ratio=1e-5)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-@pytest.mark.parametrize("impl", ["naive", "blocked", "triton"])
+@pytest.mark.parametrize("impl", ["naive", "blocked", "native", "triton"])
 def test_full_budget_is_exact_attention(shape, causal, impl):
     q, k, v, do, keep = _inputs(shape, torch.float64 if impl != "triton" else torch.float32)
     bs = 16 if impl == "triton" else 8

@@ -12,6 +12,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model and the thread count: ratios differ between CPUs, so tables name theirs."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
 def timed(fn, device, reps):
     """Median milliseconds of fn() after one warm-up call, and peak MiB allocated above the start (CUDA; else None)."""
     fn()  # warm-up (compilation, autotuning)

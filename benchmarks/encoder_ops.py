@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import timed  # noqa: E402
+from common import device_name, timed  # noqa: E402
 
 H, D = 12, 32
 
@@ -188,7 +188,7 @@ def main():
     if a.out:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        info = {"device": f"CPU, {torch.get_num_threads()} threads", "torch": torch.__version__, "heads": H, "head_dim": D}
+        info = {"device": device_name("cpu"), "torch": torch.__version__, "heads": H, "head_dim": D}
         out.with_suffix(".json").write_text(json.dumps({"info": info, "ops": rows, "throughput": models}, indent=2))
 
 

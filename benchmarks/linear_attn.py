@@ -21,7 +21,7 @@ from attnswap_kernels import rel_rms_error
 from attnswap_kernels.linear_attn import causal_linear_attn, causal_linear_attn_chunked
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import line_panels, speed_table, timed  # noqa: E402
+from common import device_name, line_panels, speed_table, timed  # noqa: E402
 
 H, HK, D, FEAT = 9, 3, 64, 128
 
@@ -128,7 +128,7 @@ def main():
     p.add_argument("--check", action="store_true", help="check Triton against the reference first (CUDA)")
     p.add_argument("--out", default=None, help="write <out>.json and <out>.png")
     a = p.parse_args()
-    info = {"device": torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {torch.get_num_threads()} threads",
+    info = {"device": device_name(a.device),
             "torch": torch.__version__}
     print(info)
     checks = check(a.device) if a.check else []

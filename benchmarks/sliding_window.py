@@ -21,7 +21,7 @@ from attnswap.methods.attention.sliding_window import band_mask
 from attnswap_kernels.sparse_attn import window_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_step, plot_speed, speed_rows, speed_table, write_json  # noqa: E402
+from common import device_name, make_step, plot_speed, speed_rows, speed_table, write_json  # noqa: E402
 
 H, HK, D, SINKS = 9, 3, 64, 4
 
@@ -56,7 +56,7 @@ def main():
     rows = speed_rows(names, a, step_fn, torch.float32)
     print(speed_table(rows, ms_digits=2))
     if a.out:
-        write_json({"info": {"device": f"CPU, {torch.get_num_threads()} threads", "torch": torch.__version__,
+        write_json({"info": {"device": device_name("cpu"), "torch": torch.__version__,
                              "sinks": SINKS}, "speed": rows}, a.out)
         plot_speed(rows, Path(a.out).with_suffix(".png"))
 

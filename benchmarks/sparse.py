@@ -32,7 +32,7 @@ from attnswap_kernels import rel_rms_error
 from attnswap_kernels.sparse_attn import allowed, lsh_buckets, sparse_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_step, plot_speed, speed_rows, speed_table  # noqa: E402
+from common import device_name, make_step, plot_speed, speed_rows, speed_table  # noqa: E402
 
 H, HK, D = 9, 3, 64
 WINDOW, SINKS = 64, 4
@@ -188,7 +188,7 @@ def main():
     p.add_argument("--check", action="store_true", help="check Triton against the reference first (CUDA)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    info = {"device": torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {torch.get_num_threads()} threads",
+    info = {"device": device_name(a.device),
             "torch": torch.__version__, "window": WINDOW, "sinks": SINKS}
     print(info)
     checks = check(a.device) if a.check else []

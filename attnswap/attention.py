@@ -24,6 +24,9 @@ SCORE_MODIFIER = "attnswap_score_modifier"
 # the attribute of an attention module that holds the probes attached to it for a while: each probe is called
 # as probe(module, out, query, key, value) -> out
 PROBES = "attnswap_probes"
+# the attribute of an attention module whose queries and keys are defined by their first r dimensions (a tuner that
+# reduces the q/k head size sets it): the scores are computed in r dimensions, at the original scale
+QK_DIM = "attnswap_qk_dim"
 
 
 def exact_attention(module, query, key, value, attention_mask, **kwargs):
@@ -34,6 +37,8 @@ def exact_attention(module, query, key, value, attention_mask, **kwargs):
     softcap = kwargs.pop("softcap", None)
     modifier = kwargs.pop(SCORE_MODIFIER, None)
     if softcap is None and modifier is None:
+        if query.shape[-1] < value.shape[-1]:  # q/k in a reduced head size (QK_DIM)
+            return reduced_attention(module, query, key, value, attention_mask, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     import torch
 
@@ -64,6 +69,31 @@ def exact_attention(module, query, key, value, attention_mask, **kwargs):
     return torch.matmul(weights, v).transpose(1, 2).contiguous(), None
 
 
+def reduced_attention(module, query, key, value, attention_mask, **kwargs):
+    """Softmax attention whose q/k head size is below v's. A causal full forward of float32/64 CPU tensors with
+    no padding mask and no dropout runs the compiled kernel in the reduced size (`window_attention` with the
+    window the whole sequence: exact causal attention); everything else runs SDPA on q and k padded with zeros to
+    v's size, the same scores (PyTorch's CPU SDPA has no fused path for unequal sizes: its math path is slower
+    than the padded flash path)."""
+    import torch
+
+    from attnswap_kernels.sparse_attn import cpu as sparse_cpu
+    from attnswap_kernels.sparse_attn import window_attention
+
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    t = query.shape[2]
+    if (is_causal and attention_mask is None and t == key.shape[2] and query.device.type == "cpu"
+            and query.dtype in (torch.float32, torch.float64) and not kwargs.get("dropout")
+            and sparse_cpu.available()):
+        out = window_attention(query, key, value, window=t, scale=kwargs.get("scaling"))
+        return out.transpose(1, 2), None
+    pad = (0, value.shape[-1] - query.shape[-1])
+    kwargs["scaling"] = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    return sdpa_attention_forward(module, torch.nn.functional.pad(query, pad), torch.nn.functional.pad(key, pad),
+                                  value, attention_mask, **kwargs)
+
+
 def attention_weights(query, key, scale: float, mask=None):
     """[B, H, Tq, Tk] float64: softmax(q k^T x scale) over the keys `mask` allows (boolean, broadcastable,
     True = attend; None: every key), each key head shared by its group of query heads. For measurements
@@ -86,6 +116,9 @@ def attnswap_attention(module, query, key, value, attention_mask, **kwargs):
         modifier = getattr(module, "attnswap_scores", None)
         if modifier is not None:  # the plan allows it only beside attention that forms scores (takes_scores)
             kwargs[SCORE_MODIFIER] = modifier
+    qk = getattr(module, QK_DIM, None)
+    if qk is not None and qk < query.shape[-1]:
+        query, key, kwargs = reduced_qk(query, key, qk, kwargs, narrow=method is None and layer is None)
     if layer is not None:
         out = layer.attend(module, query, key, value, attention_mask, method=method, **kwargs)
     elif method is not None:
@@ -95,6 +128,18 @@ def attnswap_attention(module, query, key, value, attention_mask, **kwargs):
     for probe in getattr(module, PROBES, ()):
         out = probe(module, out, query, key, value)
     return out
+
+
+def reduced_qk(query, key, qk: int, kwargs: dict, narrow: bool):
+    """q and k of a layer defined by their first `qk` dimensions, at the original scale (kwargs' `scaling`, else
+    1/sqrt of the full head size). narrow: cut to those dimensions (exact attention computes in the reduced size);
+    else zero the rest, the same scores for any attention method or cache layer that expects the full size."""
+    kwargs = {**kwargs, "scaling": kwargs.get("scaling") or query.shape[-1] ** -0.5}
+    if narrow:
+        return query[..., :qk], key[..., :qk], kwargs
+    from torch.nn.functional import pad
+
+    return pad(query[..., :qk], (0, query.shape[-1] - qk)), pad(key[..., :qk], (0, key.shape[-1] - qk)), kwargs
 
 
 def cache_hook(index: int):

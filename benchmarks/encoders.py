@@ -3,6 +3,7 @@
     python benchmarks/encoders.py --out docs/bench/encoders-minilm            # all entries (resumes: done ones kept)
     python benchmarks/encoders.py --only xca,soft --out docs/bench/encoders-minilm
     python benchmarks/encoders.py --table --ops docs/bench/encoder-ops-cpu.json --out docs/bench/encoders-minilm
+    python benchmarks/encoders.py --only lowrank --out docs/bench/lowrank-minilm   # docs/methods/lowrank.md
 
 For each entry: MiniLM-L6 with all 6 layers converted; then, untrained and after `distill` (attention transfer,
 only the new parameters, every layer to its original output; the budget below, the same for every method):
@@ -26,6 +27,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name  # noqa: E402
 from mra import mean_pooled, wiki_passages, wiki_sentences  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +57,9 @@ ENTRIES = {  # in the order they run: issue 19's methods first
     "sliding-window 128": ("sliding-window", {"window": 128}, False),
     "linformer r128 (pooling, pad)": ("linformer", {"rank": 128, "init": "pooling", "lengths": "pad"}, False),
     "soft m64 (a sink landmark)": ("soft", {"landmarks": 64, "sinks": 1}, False),
+    # lowrank on q and k only: the scores in a reduced head size, and the full-size PCA projections beside them
+    **{f"lowrank q/k {mode} {e}": ("lowrank", {"attention": mode, "energy": e, "targets": ["q", "k"]}, True)
+       for e in (0.999, 0.99, 0.95) for mode in ("reduced", "full")},
 }
 
 
@@ -113,7 +118,7 @@ def main():
     with torch.no_grad():
         refs = {kind: mean_pooled(original, tok, t)[0] for kind, t in texts.items()}
         base = retrieval(original, tok, text, passages=a.passages, length=256)
-    done["info"] = {"device": f"CPU, {torch.get_num_threads()} threads", "torch": torch.__version__,
+    done["info"] = {"device": device_name("cpu"), "torch": torch.__version__,
                     "distill": {"data": TRAIN.name, "tokens": a.tokens, "seq_len": a.seq_len,
                                 "batch_size": a.batch_size, "lr": a.lr},
                     "original": {"accuracy_at_1": base["accuracy_at_1"], "mrr": round(base["mrr"], 5)}}

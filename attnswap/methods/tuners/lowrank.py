@@ -14,10 +14,14 @@ What attnswap does at conversion (`prepare`, on `--calibration` text; nothing is
 - W <- U_r U_r^T W and b <- U_r U_r^T b, written into the projection (merged at conversion: no forward hook
   is left; at r = out it is the original up to rounding). The ranks are stored in the plan; the checkpoint
   holds the projected weights, so loading never measures again.
-Attention keeps its q/k dimension (the mode that is valid under RoPE; the reduced-dimension attention of the
-paper for models without rotary embeddings is not built). The executed model stores the rank-r products at
-full size: the parameters and multiply-adds it reports are those of the factorised form r (in + out) against
-in x out, what a factorised export would save; writing that form is not built yet. `finetune` of a lowrank
+With `attention: full` (the default, valid under RoPE) attention keeps its q/k dimension. With `attention:
+reduced` (models without rotary embeddings, one key head per query head), each head's scores are computed in r
+dimensions: q.k ~ (A_r^T q).(B_r^T k) with A, B from the SVD of Q^(1/2) K^(1/2) (`score_factors`), the head's
+q/k rows rewritten so that their first r outputs carry it and the rest are zero, and the attention told to read
+only those r (`attnswap.attention.QK_DIM`; the compiled kernel runs the scores in size r). The executed model
+stores the rank-r products at full size: the parameters and multiply-adds it reports are those of the
+factorised form r (in + out) against in x out, what a factorised export would save; running or writing that
+form is not built (docs/methods/lowrank.md says why). `finetune` of a lowrank
 model adds PEFT LoRA as for an unconverted model. `revert` removes the plan, not the projection: the original
 weights are not kept.
 """
@@ -28,6 +32,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ...attention import QK_DIM
+from ...errors import AttnswapError
 from .. import Options, Prepared, require_calibration
 from . import register
 from .base import Tuner, grouped_projections
@@ -40,9 +46,14 @@ class LowRankOptions(Options):
     energy: float = Field(0.99, gt=0, le=1, description="explained variance each projection keeps (chooses r per "
                                                         "layer and projection)")
     rank: int | None = Field(None, ge=1, description="a fixed rank for every projection instead of `energy`")
+    attention: Literal["full", "reduced"] = Field(
+        "full", description="full: attention keeps its q/k head size; reduced: each head's scores in r dimensions "
+                            "(models without rotary embeddings and with one key head per query head)")
     ranks: dict[int, dict[str, int]] | None = Field(None, description="set by convert from --calibration text: the "
                                                                       "rank of each layer's projections; not given "
                                                                       "by hand")
+    qk_dims: dict[int, int] | None = Field(None, description="set by convert (attention: reduced): each layer's "
+                                                             "q/k head size; not given by hand")
 
 
 def chosen_rank(eigenvalues: torch.Tensor, energy: float) -> int:
@@ -81,6 +92,72 @@ def second_moments(model, adapter, layers: list[int], targets: list[str], ids: t
     return sums
 
 
+def _sqrt_and_inverse(m: torch.Tensor, floor: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    """M^(1/2) and its inverse for a symmetric PSD M, eigenvalues clamped at floor x the largest (so the two are
+    exact inverses of each other even where M is singular)."""
+    lam, u = torch.linalg.eigh(m)
+    lam = lam.clamp_min(floor * max(float(lam.max()), 1e-300))
+    return (u * lam.sqrt()) @ u.T, (u / lam.sqrt()) @ u.T
+
+
+def score_factors(mq: torch.Tensor, mk: torch.Tensor):
+    """(A [d, d], B [d, d], shares [d]) with q.k ~ (A_r^T q).(B_r^T k) for one head, A_r / B_r the first r columns.
+
+    With Q = E[q q^T] and K = E[k k^T], the expected squared error of the scores over independent q and k is
+    ||Q^(1/2) (I - A_r B_r^T) K^(1/2)||_F^2, smallest when Q^(1/2) A_r B_r^T K^(1/2) is the rank-r truncated SVD of
+    C = Q^(1/2) K^(1/2) = U S V^T: A = Q^(-1/2) U S^(1/2), B = K^(-1/2) V S^(1/2). At r = d, A B^T = I: the
+    original scores. shares: the cumulative share of S^2 (what `energy` reads)."""
+    qs, qi = _sqrt_and_inverse(mq)
+    ks, ki = _sqrt_and_inverse(mk)
+    u, sv, vh = torch.linalg.svd(qs @ ks)
+    root = sv.sqrt()
+    return qi @ (u * root), ki @ (vh.T * root), sv ** 2
+
+
+def reduce_qk(adapter, base, site, moments: dict, options, head_dim: int, heads: int) -> int:
+    """Rewrite one layer's q and k projections so that each head's first r output dimensions carry its scores
+    (A_r^T W_q, B_r^T W_k; `score_factors`) and the rest are zero; r = the largest rank any head needs for
+    `energy` (or `rank`). Returns r."""
+    (mq, nq), (mk, nk) = moments[(site.index, "q")], moments[(site.index, "k")]
+    factors, r = [], 1
+    for h in range(heads):
+        sl = slice(h * head_dim, (h + 1) * head_dim)
+        a, b, sv2 = score_factors(mq[sl, sl] / nq, mk[sl, sl] / nk)
+        need = min(options.rank, head_dim) if options.rank is not None else chosen_rank(sv2, options.energy)
+        factors.append((a, b))
+        r = max(r, need)
+    proj = adapter.projections(base, site)
+    with torch.no_grad():
+        for target, which in (("q", 0), ("k", 1)):
+            p = proj[target]
+            w = p.weight.detach().double()
+            new_w = torch.zeros_like(w)
+            bias = None if p.bias is None else p.bias.detach().double()
+            new_b = None if bias is None else torch.zeros_like(bias)
+            for h, pair in enumerate(factors):
+                rows = slice(h * head_dim, h * head_dim + r)
+                m = pair[which][:, :r].T  # [r, d]
+                new_w[rows] = m @ w[h * head_dim:(h + 1) * head_dim]
+                if bias is not None:
+                    new_b[rows] = m @ bias[h * head_dim:(h + 1) * head_dim]
+            p.weight.copy_(new_w.to(p.weight.dtype))
+            if bias is not None:
+                p.bias.copy_(new_b.to(p.bias.dtype))
+    return r
+
+
+class _Attribute:
+    """A handle that sets an attribute on a module and deletes it on remove() (what revert calls)."""
+
+    def __init__(self, module, name: str, value):
+        self.module, self.name = module, name
+        setattr(module, name, value)
+
+    def remove(self):
+        if hasattr(self.module, self.name):
+            delattr(self.module, self.name)
+
+
 @register
 class LowRank(Tuner):
     name = "lowrank"
@@ -100,9 +177,28 @@ class LowRank(Tuner):
         base = base_model(model)
         adapter = adapter_for(base.config)
         sites = {s.index: s for s in adapter.sites(base)}
-        moments = second_moments(model, adapter, layers, options.targets, calibration.ids)
+        reduced = options.attention == "reduced"
+        geometry = adapter.geometry(base.config)
+        if reduced:
+            if adapter.positions == "rope":
+                raise AttnswapError(f"lowrank attention=reduced: {base.config.model_type} rotates q and k between the "
+                                    "projection and the scores (RoPE), so their size cannot shrink; use "
+                                    "attention=full (the default)")
+            if geometry.num_kv_heads != geometry.num_heads:
+                raise AttnswapError("lowrank attention=reduced needs one key head per query head; this model shares "
+                                    f"{geometry.num_kv_heads} key heads among {geometry.num_heads}: use attention=full")
+        measured = sorted(set(options.targets) | ({"q", "k"} if reduced else set()))
+        moments = second_moments(model, adapter, layers, measured, calibration.ids)
         ranks: dict[int, dict[str, int]] = {}
+        qk_dims: dict[int, int] = {}
         dense = factorised = 0
+        if reduced:
+            d, h = geometry.head_dim, geometry.num_heads
+            for layer in layers:
+                qk_dims[layer] = r = reduce_qk(adapter, base, sites[layer], moments, options, d, h)
+                dense += 2 * h * d * geometry.hidden_size
+                factorised += 2 * h * r * geometry.hidden_size  # the q and k rows that are not zero
+            moments = {key: value for key, value in moments.items() if key[1] in ("v", "o")}
         for (layer, t), (m, n) in sorted(moments.items()):
             lam, u = torch.linalg.eigh(m / n)  # ascending
             lam, u = lam.flip(0), u.flip(1)
@@ -120,7 +216,8 @@ class LowRank(Tuner):
             factorised += min(r * (out_f + in_f), out_f * in_f)
         record = {"calibration": calibration.describe(), "dense_parameters": dense,
                   "factorised_parameters": factorised}
-        return Prepared(options.model_copy(update={"ranks": ranks}), record)
+        update = {"ranks": ranks, "qk_dims": qk_dims if reduced else None}
+        return Prepared(options.model_copy(update=update), record)
 
     @classmethod
     def describe(cls, entry, prepared):
@@ -130,6 +227,11 @@ class LowRank(Tuner):
             rs = [v[t] for v in ranks.values() if t in v]
             if rs:
                 lines.append(f"{t}: rank {min(rs)}..{max(rs)} (mean {sum(rs) / len(rs):.1f}) over {len(rs)} layers")
+        dims = entry["options"].get("qk_dims") or {}
+        if dims:
+            ds = list(dims.values())
+            lines.append(f"q/k head size in the scores: {min(ds)}..{max(ds)} (mean {sum(ds) / len(ds):.1f}) over "
+                         f"{len(ds)} layers")
         if prepared and "dense_parameters" in prepared:
             d, f = prepared["dense_parameters"], prepared["factorised_parameters"]
             lines.append(f"factorised form: {f:,} of {d:,} projection parameters ({f / d:.3f}); measured on "
@@ -138,7 +240,10 @@ class LowRank(Tuner):
 
     @classmethod
     def model_hooks(cls, model, adapter, options):
-        return []  # merged at conversion: nothing runs at forward time
+        # the projections are merged at conversion; a reduced layer tells the attention its q/k head size
+        dims = options.qk_dims or {}
+        return [_Attribute(site.module, QK_DIM, dims[site.index]) for site in adapter.sites(model)
+                if site.index in dims]
 
     def merge(self, projections, member=0):
         return None  # already in the weights

@@ -243,6 +243,14 @@ struct Scratch {
   std::vector<int64_t> lo, hi, rows;
   Scratch(int d, int dv)
       : qs(QT * d), m(QT), l(QT), acc(QT * dv), s(QT * KC), lo(QT), hi(QT), rows(QT) {}
+  // a tile of n consecutive query rows from q (times scale; rows >= n zero) and an empty online softmax
+  void start(const T* q, int n, int d, T scale) {
+    std::fill(qs.begin(), qs.end(), T(0));
+    for (int i = 0; i < n * d; ++i) qs[i] = q[i] * scale;
+    std::fill(m.begin(), m.end(), static_cast<T>(NEG));
+    std::fill(l.begin(), l.end(), T(0));
+    std::fill(acc.begin(), acc.end(), T(0));
+  }
 };
 
 // Backward: the gradients of keys [j0, j0 + n) for nq (<= QT) rows, from recomputed scores and the forward's
@@ -352,6 +360,15 @@ void load_row(Grad<T>& g, int r, int64_t row, const T* q, const T* o, const T* l
   g.di[r] = di;
   g.lse[r] = lse[row];
   std::fill(g.dq.begin() + r * d, g.dq.begin() + (r + 1) * d, T(0));
+}
+
+// the backward's tile of nq consecutive rows from row0 (rows >= nq zero)
+template <typename T>
+void load_rows(Grad<T>& g, int nq, int64_t row0, const T* q, const T* o, const T* lse, const T* dout, int d, int dv,
+               T scale) {
+  std::fill(g.qs.begin(), g.qs.end(), T(0));
+  std::fill(g.dos.begin(), g.dos.end(), T(0));
+  for (int r = 0; r < nq; ++r) load_row(g, r, row0 + r, q, o, lse, dout, d, dv, scale);
 }
 
 }  // namespace

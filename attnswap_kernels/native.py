@@ -83,6 +83,19 @@ def library(source: Path) -> ctypes.CDLL | None:
     return ctypes.CDLL(str(target))
 
 
+def per_dtype(lib: ctypes.CDLL, name: str, argtypes: list) -> dict:
+    """{torch.float32: lib.<name>_f32, torch.float64: lib.<name>_f64}, each declared with `argtypes` and an int
+    result (0: success), the C entry points a source defines once per dtype."""
+    import torch
+
+    fns = {}
+    for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
+        fn = getattr(lib, f"{name}_{suffix}")
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        fns[dtype] = fn
+    return fns
+
+
 def pointer(x) -> ctypes.c_void_p:
     """A tensor's data pointer for a ctypes call (None: a null pointer)."""
     return ctypes.c_void_p(None if x is None else x.data_ptr())

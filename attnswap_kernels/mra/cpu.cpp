@@ -42,10 +42,31 @@ struct Mra {
       if (!s[J] && std::isfinite(ln[J])) bias[J] = ln[J];
     return n;
   }
-  // the end of the run of selected blocks from J (J itself when J is not selected)
-  int64_t run_end(const uint8_t* s, int64_t J) const {
-    while (J < nbk && s[J]) ++J;
-    return J;
+  // f(J0, J1) for each run [J0, J1) of consecutive selected key blocks in a query block's selection row s
+  template <typename F>
+  void for_each_run(const uint8_t* s, F&& f) const {
+    for (int64_t J = 0; J < nbk;) {
+      if (!s[J]) {
+        ++J;
+        continue;
+      }
+      const int64_t J0 = J;
+      while (J < nbk && s[J]) ++J;
+      f(J0, J);
+    }
+  }
+  // f(bh, I, bk, r0, pos0, n) for each work item, shared among the threads of the enclosing parallel region: query
+  // head bh (its key head bk), query block I, the tile's first row r0 in the block's head (absolute position pos0)
+  // and its n <= QT rows
+  template <typename F>
+  void for_each_tile(F&& f) const {
+#pragma omp for collapse(3) schedule(dynamic, 2)
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      for (int64_t I = 0; I < nbq; ++I)
+        for (int64_t tile = 0; tile < tiles(); ++tile) {
+          const int64_t r0 = I * bs + tile * QT;
+          f(bh, I, kv(bh), r0, i0 * bs + r0, static_cast<int>(std::min<int64_t>(QT, bs - tile * QT)));
+        }
   }
   // exact key blocks [J0, J1) for the tile's rows (absolute positions pos0 + r): keys [J0 bs, J1 bs), causal up
   // to the row's position
@@ -73,7 +94,7 @@ template <typename T>
 int forward(const T* q, const T* k, const T* v, const T* kbar, const T* vbar, const Mra<T>& M, double scale_d, T* o,
             T* lse) {
   const T scale = static_cast<T>(scale_d);
-  const int64_t BH = M.B * M.H, BK = M.B * M.HK, nq = M.nq(), nk = M.nk(), ldk = nk + KB, ldb = M.nbk + KB;
+  const int64_t BK = M.B * M.HK, nq = M.nq(), nk = M.nk(), ldk = nk + KB, ldb = M.nbk + KB;
   const int d = M.d, dv = M.dv, bs = M.bs;
   const std::vector<T> kT = transposed(k, BK, nk, d, M.threads), kbT = transposed(kbar, BK, M.nbk, d, M.threads);
   const std::vector<T> pad = padding_bias<T>(M.kvalid, M.B, nk);
@@ -81,50 +102,34 @@ int forward(const T* q, const T* k, const T* v, const T* kbar, const T* vbar, co
   {
     Scratch<T> sc(d, dv);
     std::vector<T> vbias;
-#pragma omp for collapse(3) schedule(dynamic, 2)
-    for (int64_t bh = 0; bh < BH; ++bh)
-      for (int64_t I = 0; I < M.nbq; ++I)
-        for (int64_t tile = 0; tile < M.tiles(); ++tile) {
-          const int64_t bk = M.kv(bh), r0 = I * bs + tile * QT, pos0 = M.i0 * bs + r0;
-          const int nq_ = static_cast<int>(std::min<int64_t>(QT, bs - tile * QT));
-          std::fill(sc.qs.begin(), sc.qs.end(), T(0));
-          for (int r = 0; r < nq_; ++r)
-            for (int c = 0; c < d; ++c) sc.qs[r * d + c] = q[(bh * nq + r0 + r) * d + c] * scale;
-          std::fill(sc.m.begin(), sc.m.end(), static_cast<T>(NEG));
-          std::fill(sc.l.begin(), sc.l.end(), T(0));
-          std::fill(sc.acc.begin(), sc.acc.end(), T(0));
-          const T* pb = pad.empty() ? nullptr : pad.data() + (bh / M.H) * (nk + KB);
-          const uint8_t* s = M.sel_row(bh, I);
-          for (int64_t J = 0, J1; J < M.nbk; J = J1) {
-            J1 = M.run_end(s, J);
-            if (J1 == J) {
-              ++J1;
-              continue;
-            }
-            M.exact_rows(J, J1, pos0, nq_, sc.lo.data(), sc.hi.data());
-            attend(sc.qs.data(), nq_, d, kT.data() + bk * d * ldk, ldk, v + bk * nk * dv, dv, J * bs, (J1 - J) * bs,
-                   sc.lo.data(), sc.hi.data(), pb, sc.m.data(), sc.l.data(), sc.acc.data(), sc.s.data());
-          }
-          const int64_t nv = M.virtual_keys(bh, I, vbias);
-          if (nv > 0) {
-            std::fill(sc.lo.begin(), sc.lo.end(), 0);
-            std::fill(sc.hi.begin(), sc.hi.end(), nv);
-            attend(sc.qs.data(), nq_, d, kbT.data() + bk * d * ldb, ldb, vbar + bk * M.nbk * dv, dv, 0, nv,
-                   sc.lo.data(), sc.hi.data(), vbias.data(), sc.m.data(), sc.l.data(), sc.acc.data(), sc.s.data());
-          }
-          for (int r = 0; r < nq_; ++r) {
-            const int64_t row = bh * nq + r0 + r;
-            T* orow = o + row * dv;
-            if (sc.l[r] > T(0)) {
-              const T inv = T(1) / sc.l[r];
-              for (int e = 0; e < dv; ++e) orow[e] = sc.acc[r * dv + e] * inv;
-              lse[row] = sc.m[r] + std::log(sc.l[r]);
-            } else {
-              for (int e = 0; e < dv; ++e) orow[e] = T(0);
-              lse[row] = static_cast<T>(NEG);
-            }
-          }
+    M.for_each_tile([&](int64_t bh, int64_t I, int64_t bk, int64_t r0, int64_t pos0, int nq_) {
+      sc.start(q + (bh * nq + r0) * d, nq_, d, scale);
+      const T* pb = pad.empty() ? nullptr : pad.data() + (bh / M.H) * (nk + KB);
+      M.for_each_run(M.sel_row(bh, I), [&](int64_t J, int64_t J1) {
+        M.exact_rows(J, J1, pos0, nq_, sc.lo.data(), sc.hi.data());
+        attend(sc.qs.data(), nq_, d, kT.data() + bk * d * ldk, ldk, v + bk * nk * dv, dv, J * bs, (J1 - J) * bs,
+               sc.lo.data(), sc.hi.data(), pb, sc.m.data(), sc.l.data(), sc.acc.data(), sc.s.data());
+      });
+      const int64_t nv = M.virtual_keys(bh, I, vbias);
+      if (nv > 0) {
+        std::fill(sc.lo.begin(), sc.lo.end(), 0);
+        std::fill(sc.hi.begin(), sc.hi.end(), nv);
+        attend(sc.qs.data(), nq_, d, kbT.data() + bk * d * ldb, ldb, vbar + bk * M.nbk * dv, dv, 0, nv,
+               sc.lo.data(), sc.hi.data(), vbias.data(), sc.m.data(), sc.l.data(), sc.acc.data(), sc.s.data());
+      }
+      for (int r = 0; r < nq_; ++r) {
+        const int64_t row = bh * nq + r0 + r;
+        T* orow = o + row * dv;
+        if (sc.l[r] > T(0)) {
+          const T inv = T(1) / sc.l[r];
+          for (int e = 0; e < dv; ++e) orow[e] = sc.acc[r * dv + e] * inv;
+          lse[row] = sc.m[r] + std::log(sc.l[r]);
+        } else {
+          for (int e = 0; e < dv; ++e) orow[e] = T(0);
+          lse[row] = static_cast<T>(NEG);
         }
+      }
+    });
   }
   return 0;
 }
@@ -133,7 +138,7 @@ template <typename T>
 int backward(const T* q, const T* k, const T* v, const T* kbar, const T* vbar, const T* o, const T* lse,
              const T* dout, const Mra<T>& M, double scale_d, T* dq, T* dk, T* dv_out, T* dkbar, T* dvbar) {
   const T scale = static_cast<T>(scale_d);
-  const int64_t BH = M.B * M.H, BK = M.B * M.HK, nq = M.nq(), nk = M.nk(), nbk = M.nbk;
+  const int64_t BK = M.B * M.HK, nq = M.nq(), nk = M.nk(), nbk = M.nbk;
   const int64_t ldk = nk + KB, ldb = nbk + KB;
   const int d = M.d, dv = M.dv, bs = M.bs;
   const std::vector<T> kT = transposed(k, BK, nk, d, M.threads), vT = transposed(v, BK, nk, dv, M.threads);
@@ -148,45 +153,32 @@ int backward(const T* q, const T* k, const T* v, const T* kbar, const T* vbar, c
     const int tid = omp_get_thread_num();
     Grad<T> g(d, dv);
     std::vector<T> vbias;
-#pragma omp for collapse(3) schedule(dynamic, 2)
-    for (int64_t bh = 0; bh < BH; ++bh)
-      for (int64_t I = 0; I < M.nbq; ++I)
-        for (int64_t tile = 0; tile < M.tiles(); ++tile) {
-          const int64_t bk = M.kv(bh), r0 = I * bs + tile * QT, pos0 = M.i0 * bs + r0;
-          const int nq_ = static_cast<int>(std::min<int64_t>(QT, bs - tile * QT));
-          std::fill(g.qs.begin(), g.qs.end(), T(0));
-          std::fill(g.dos.begin(), g.dos.end(), T(0));
-          for (int r = 0; r < nq_; ++r) load_row(g, r, bh * nq + r0 + r, q, o, lse, dout, d, dv, scale);
-          auto no_key_rows = [&]() {  // a row with no key at all (lse NEG) has no gradient
-            for (int r = 0; r < nq_; ++r)
-              if (g.lse[r] <= static_cast<T>(NEG / 2)) g.hi[r] = g.lo[r];
-          };
-          const T* pb = pad.empty() ? nullptr : pad.data() + (bh / M.H) * (nk + KB);
-          const uint8_t* s = M.sel_row(bh, I);
-          for (int64_t J = 0, J1; J < nbk; J = J1) {
-            J1 = M.run_end(s, J);
-            if (J1 == J) {
-              ++J1;
-              continue;
-            }
-            M.exact_rows(J, J1, pos0, nq_, g.lo.data(), g.hi.data());
-            no_key_rows();
-            attend_bwd(g, nq_, d, dv, kT.data() + bk * d * ldk, ldk, k + bk * nk * d, vT.data() + bk * dv * ldk, ldk,
-                       J * bs, (J1 - J) * bs, pb, gk.data() + (tid * per_k + bk * nk) * d,
-                       gv.data() + (tid * per_k + bk * nk) * dv);
-          }
-          const int64_t nv = M.virtual_keys(bh, I, vbias);
-          if (nv > 0) {
-            std::fill(g.lo.begin(), g.lo.end(), 0);
-            std::fill(g.hi.begin(), g.hi.end(), nv);
-            no_key_rows();
-            attend_bwd(g, nq_, d, dv, kbT.data() + bk * d * ldb, ldb, kbar + bk * nbk * d, vbT.data() + bk * dv * ldb,
-                       ldb, 0, nv, vbias.data(), gkb.data() + (tid * per_b + bk * nbk) * d,
-                       gvb.data() + (tid * per_b + bk * nbk) * dv);
-          }
-          for (int r = 0; r < nq_; ++r)
-            for (int c = 0; c < d; ++c) dq[(bh * nq + r0 + r) * d + c] = g.dq[r * d + c] * scale;
-        }
+    M.for_each_tile([&](int64_t bh, int64_t I, int64_t bk, int64_t r0, int64_t pos0, int nq_) {
+      load_rows(g, nq_, bh * nq + r0, q, o, lse, dout, d, dv, scale);
+      auto no_key_rows = [&]() {  // a row with no key at all (lse NEG) has no gradient
+        for (int r = 0; r < nq_; ++r)
+          if (g.lse[r] <= static_cast<T>(NEG / 2)) g.hi[r] = g.lo[r];
+      };
+      const T* pb = pad.empty() ? nullptr : pad.data() + (bh / M.H) * (nk + KB);
+      M.for_each_run(M.sel_row(bh, I), [&](int64_t J, int64_t J1) {
+        M.exact_rows(J, J1, pos0, nq_, g.lo.data(), g.hi.data());
+        no_key_rows();
+        attend_bwd(g, nq_, d, dv, kT.data() + bk * d * ldk, ldk, k + bk * nk * d, vT.data() + bk * dv * ldk, ldk,
+                   J * bs, (J1 - J) * bs, pb, gk.data() + (tid * per_k + bk * nk) * d,
+                   gv.data() + (tid * per_k + bk * nk) * dv);
+      });
+      const int64_t nv = M.virtual_keys(bh, I, vbias);
+      if (nv > 0) {
+        std::fill(g.lo.begin(), g.lo.end(), 0);
+        std::fill(g.hi.begin(), g.hi.end(), nv);
+        no_key_rows();
+        attend_bwd(g, nq_, d, dv, kbT.data() + bk * d * ldb, ldb, kbar + bk * nbk * d, vbT.data() + bk * dv * ldb,
+                   ldb, 0, nv, vbias.data(), gkb.data() + (tid * per_b + bk * nbk) * d,
+                   gvb.data() + (tid * per_b + bk * nbk) * dv);
+      }
+      for (int r = 0; r < nq_; ++r)
+        for (int c = 0; c < d; ++c) dq[(bh * nq + r0 + r) * d + c] = g.dq[r * d + c] * scale;
+    });
     auto reduce = [&](const std::vector<T>& buf, size_t per, int n, T* out) {
 #pragma omp for schedule(static)
       for (size_t i = 0; i < per * n; ++i) {

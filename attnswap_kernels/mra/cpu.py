@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import kernel_output, per_query_head
-from ..native import library, pointer
+from ..native import library, per_dtype, pointer
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
 _I64, _INT, _DBL, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
@@ -23,13 +23,9 @@ def _functions():
     lib = library(SOURCE)
     if lib is None:
         return None
-    fns = {}
-    for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
-        fwd, bwd = getattr(lib, f"attnswap_mra_fwd_{suffix}"), getattr(lib, f"attnswap_mra_bwd_{suffix}")
-        fwd.argtypes, fwd.restype = [_P] * 8 + _SHAPE + [_P] * 2, ctypes.c_int
-        bwd.argtypes, bwd.restype = [_P] * 8 + _SHAPE + [_P] * 8, ctypes.c_int
-        fns[dtype] = (fwd, bwd)
-    return fns
+    fwd = per_dtype(lib, "attnswap_mra_fwd", [_P] * 8 + _SHAPE + [_P] * 2)
+    bwd = per_dtype(lib, "attnswap_mra_bwd", [_P] * 8 + _SHAPE + [_P] * 8)
+    return {dtype: (fwd[dtype], bwd[dtype]) for dtype in fwd}
 
 
 def available() -> bool:

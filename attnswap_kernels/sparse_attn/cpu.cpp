@@ -158,12 +158,7 @@ int forward(const T* q, const T* k, const T* v, const Problem& P, double scale_d
       for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t bk = P.kv(bh), i0 = tile * QT;
         const int nq = static_cast<int>(std::min(t, i0 + QT) - i0);
-        std::fill(sc.qs.begin(), sc.qs.end(), T(0));
-        for (int r = 0; r < nq; ++r)
-          for (int c = 0; c < d; ++c) sc.qs[r * d + c] = q[(bh * t + i0 + r) * d + c] * scale;
-        std::fill(sc.m.begin(), sc.m.end(), static_cast<T>(NEG));
-        std::fill(sc.l.begin(), sc.l.end(), T(0));
-        std::fill(sc.acc.begin(), sc.acc.end(), T(0));
+        sc.start(q + (bh * t + i0) * d, nq, d, scale);
         const T* kt = kT.data() + bk * d * ldk;
         const T* vv = v + bk * t * dv;
         const T* bb = bias.empty() ? nullptr : bias.data() + (bh / P.H) * (t + KB);
@@ -265,9 +260,7 @@ int backward(const T* q, const T* k, const T* v, const T* o, const T* lse, const
       for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t bk = P.kv(bh), i0 = tile * QT;
         const int nq = static_cast<int>(std::min(t, i0 + QT) - i0);
-        std::fill(g.qs.begin(), g.qs.end(), T(0));
-        std::fill(g.dos.begin(), g.dos.end(), T(0));
-        for (int r = 0; r < nq; ++r) load_row(g, r, bh * t + i0 + r, q, o, lse, dout, d, dv, scale);
+        load_rows(g, nq, bh * t + i0, q, o, lse, dout, d, dv, scale);
         const T* bb = bias.empty() ? nullptr : bias.data() + (bh / P.H) * (t + KB);
         const T *kt = kT.data() + bk * d * ld, *vt = vT.data() + bk * dv * ld, *kr = k + bk * t * d;
         const int64_t sink_hi = sink_rows(i0, nq, P.w, P.s, g.lo.data(), g.hi.data());

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import kernel_output
-from ..native import library, pointer
+from ..native import library, per_dtype, pointer
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
 _I64, _INT, _DBL, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
@@ -23,15 +23,9 @@ def _functions():
     lib = library(SOURCE)
     if lib is None:
         return None
-    fns = {}
-    for dtype, name in ((torch.float32, "attnswap_sparse_fwd_f32"), (torch.float64, "attnswap_sparse_fwd_f64")):
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = _ARGS, ctypes.c_int
-        fns[dtype] = fn
-    for dtype, name in ((torch.float32, "attnswap_sparse_bwd_f32"), (torch.float64, "attnswap_sparse_bwd_f64")):
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = [_P] * 11 + _ARGS[8:-2] + [_P, _P, _P], ctypes.c_int
-        fns["bwd", dtype] = fn
+    fns = dict(per_dtype(lib, "attnswap_sparse_fwd", _ARGS))
+    bwd = per_dtype(lib, "attnswap_sparse_bwd", [_P] * 11 + _ARGS[8:-2] + [_P, _P, _P])
+    fns.update({("bwd", dtype): fn for dtype, fn in bwd.items()})
     fn = lib.attnswap_lsh_f32
     fn.argtypes, fn.restype = [_P, _P, _I64, _I64, _I64, _I64, _INT, _INT, _INT, _P], ctypes.c_int
     fns["lsh"] = fn

@@ -69,29 +69,36 @@ def exact_attention(module, query, key, value, attention_mask, **kwargs):
     return torch.matmul(weights, v).transpose(1, 2).contiguous(), None
 
 
+def compiled_causal(query, key, attention_mask, kwargs: dict) -> bool:
+    """True where the compiled CPU attention kernels (`attnswap_kernels.sparse_attn`) compute what causal SDPA
+    would: a full forward (Tq = Tk) of float32/64 CPU tensors with no padding mask and no dropout, the library
+    built. Causality itself is the caller's to check."""
+    import torch
+
+    from attnswap_kernels.sparse_attn import cpu as sparse_cpu
+
+    return (attention_mask is None and query.shape[2] == key.shape[2] and query.device.type == "cpu"
+            and query.dtype in (torch.float32, torch.float64) and not kwargs.get("dropout") and sparse_cpu.available())
+
+
 def reduced_attention(module, query, key, value, attention_mask, **kwargs):
     """Softmax attention whose q/k head size is below v's. A causal full forward of float32/64 CPU tensors with
     no padding mask and no dropout runs the compiled kernel in the reduced size (`window_attention` with the
     window the whole sequence: exact causal attention); everything else runs SDPA on q and k padded with zeros to
     v's size, the same scores (PyTorch's CPU SDPA has no fused path for unequal sizes: its math path is slower
     than the padded flash path)."""
-    import torch
+    from torch.nn.functional import pad
 
-    from attnswap_kernels.sparse_attn import cpu as sparse_cpu
     from attnswap_kernels.sparse_attn import window_attention
 
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    t = query.shape[2]
-    if (is_causal and attention_mask is None and t == key.shape[2] and query.device.type == "cpu"
-            and query.dtype in (torch.float32, torch.float64) and not kwargs.get("dropout")
-            and sparse_cpu.available()):
-        out = window_attention(query, key, value, window=t, scale=kwargs.get("scaling"))
-        return out.transpose(1, 2), None
-    pad = (0, value.shape[-1] - query.shape[-1])
     kwargs["scaling"] = kwargs.get("scaling") or query.shape[-1] ** -0.5
-    return sdpa_attention_forward(module, torch.nn.functional.pad(query, pad), torch.nn.functional.pad(key, pad),
-                                  value, attention_mask, **kwargs)
+    if is_causal and compiled_causal(query, key, attention_mask, kwargs):
+        out = window_attention(query, key, value, window=query.shape[2], scale=kwargs["scaling"])
+        return out.transpose(1, 2), None
+    width = (0, value.shape[-1] - query.shape[-1])
+    return sdpa_attention_forward(module, pad(query, width), pad(key, width), value, attention_mask, **kwargs)
 
 
 def attention_weights(query, key, scale: float, mask=None):

@@ -10,10 +10,9 @@ instead (`attnswap_kernels.sparse_attn.window_attention`), which computes only t
 import torch
 from pydantic import Field
 
-from attnswap_kernels.sparse_attn import cpu as sparse_cpu
 from attnswap_kernels.sparse_attn import window_attention
 
-from ...attention import SCORE_MODIFIER, attention_weights, exact_attention
+from ...attention import SCORE_MODIFIER, attention_weights, compiled_causal, exact_attention
 from .. import Options
 from . import register
 from .base import AttentionMethod
@@ -46,9 +45,8 @@ class SlidingWindow(AttentionMethod):
     def band_kernel(self, query, key, attention_mask, kwargs) -> bool:
         """True where the compiled band kernel computes exactly what SDPA with the band mask would: a causal full
         forward of float32/64 CPU tensors with no padding mask, no dropout, no soft-capping, no score modifier."""
-        return (self.causal and attention_mask is None and query.shape[2] == key.shape[2] and query.device.type == "cpu"
-                and query.dtype in (torch.float32, torch.float64) and not kwargs.get("dropout")
-                and kwargs.get("softcap") is None and kwargs.get(SCORE_MODIFIER) is None and sparse_cpu.available())
+        return (self.causal and kwargs.get("softcap") is None and kwargs.get(SCORE_MODIFIER) is None
+                and compiled_causal(query, key, attention_mask, kwargs))
 
     def forward(self, module, query, key, value, attention_mask, **kwargs):
         if self.band_kernel(query, key, attention_mask, kwargs):

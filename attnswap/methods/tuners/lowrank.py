@@ -101,12 +101,12 @@ def _sqrt_and_inverse(m: torch.Tensor, floor: float = 1e-10) -> tuple[torch.Tens
 
 
 def score_factors(mq: torch.Tensor, mk: torch.Tensor):
-    """(A [d, d], B [d, d], shares [d]) with q.k ~ (A_r^T q).(B_r^T k) for one head, A_r / B_r the first r columns.
+    """(A [d, d], B [d, d], S^2 [d]) with q.k ~ (A_r^T q).(B_r^T k) for one head, A_r / B_r the first r columns.
 
     With Q = E[q q^T] and K = E[k k^T], the expected squared error of the scores over independent q and k is
     ||Q^(1/2) (I - A_r B_r^T) K^(1/2)||_F^2, smallest when Q^(1/2) A_r B_r^T K^(1/2) is the rank-r truncated SVD of
     C = Q^(1/2) K^(1/2) = U S V^T: A = Q^(-1/2) U S^(1/2), B = K^(-1/2) V S^(1/2). At r = d, A B^T = I: the
-    original scores. shares: the cumulative share of S^2 (what `energy` reads)."""
+    original scores. S^2, descending, is what `energy` reads (`chosen_rank`)."""
     qs, qi = _sqrt_and_inverse(mq)
     ks, ki = _sqrt_and_inverse(mk)
     u, sv, vh = torch.linalg.svd(qs @ ks)
